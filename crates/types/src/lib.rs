@@ -1,0 +1,19 @@
+//! Domain types shared by the host-service and the scaling-service.
+//!
+//! Everything here is plain data with serde mappings that match the database columns exactly as
+//! the GraphQL engine returns them. There is no I/O and no async runtime in this crate, so both
+//! services and the tests can use it freely.
+
+pub mod capacity;
+pub mod config;
+pub mod image;
+pub mod instance;
+pub mod mandelbox;
+mod status;
+
+pub use capacity::{InstanceTypeSpec, capacity_of, instance_type_spec};
+pub use config::{DesktopAppVersion, Environment, FleetSettings, RegionConfig};
+pub use image::Image;
+pub use instance::{Instance, InstanceStatus, InstanceWithMandelboxes, NewInstance, PROVIDER_AWS};
+pub use mandelbox::{Mandelbox, MandelboxId, MandelboxStatus, NewMandelbox};
+pub use status::UnknownStatus;
