@@ -32,16 +32,26 @@ async fn main() -> anyhow::Result<()> {
     let mut reads = Vec::new();
     for _ in 0..500 {
         let started = Instant::now();
-        client.execute(&ops::instances::instances_in_region("bench")).await?;
+        client
+            .execute(&ops::instances::instances_in_region("bench"))
+            .await?;
         reads.push(started.elapsed());
     }
-    println!("  query (instances of a region, 50 rows): {}", summary(&mut reads));
+    println!(
+        "  query (instances of a region, 50 rows): {}",
+        summary(&mut reads)
+    );
     let mut claims = Vec::new();
     for (n, mandelbox) in boxes.iter().take(500).enumerate() {
         let started = Instant::now();
-        let outcome = client.claim_mandelbox(*mandelbox, &format!("seq-user-{n}"), "1").await?;
+        let outcome = client
+            .claim_mandelbox(*mandelbox, &format!("seq-user-{n}"), "1")
+            .await?;
         claims.push(started.elapsed());
-        anyhow::ensure!(matches!(outcome, ClaimOutcome::Claimed(_)), "claim {n}: {outcome:?}");
+        anyhow::ensure!(
+            matches!(outcome, ClaimOutcome::Claimed(_)),
+            "claim {n}: {outcome:?}"
+        );
     }
     println!("  claim: {}", summary(&mut claims));
 
@@ -57,9 +67,14 @@ async fn main() -> anyhow::Result<()> {
                 let mut latencies = Vec::new();
                 for (n, mandelbox) in boxes.iter().enumerate().filter(|(n, _)| n % 32 == worker) {
                     let claim_started = Instant::now();
-                    let outcome = client.claim_mandelbox(*mandelbox, &format!("user-{n}"), "1").await;
+                    let outcome = client
+                        .claim_mandelbox(*mandelbox, &format!("user-{n}"), "1")
+                        .await;
                     latencies.push(claim_started.elapsed());
-                    assert!(matches!(outcome, Ok(ClaimOutcome::Claimed(_))), "{outcome:?}");
+                    assert!(
+                        matches!(outcome, Ok(ClaimOutcome::Claimed(_))),
+                        "{outcome:?}"
+                    );
                 }
                 latencies
             })
@@ -80,8 +95,15 @@ async fn main() -> anyhow::Result<()> {
     drop(stack);
 
     println!("== live-query latency, committed write to subscriber");
-    for (label, notify) in [("engine refresh 1 s, polling only", false), ("NOTIFY triggers (push)", true)] {
-        let options = StackOptions { notify_triggers: notify, subscription_refresh_seconds: 1, ..StackOptions::default() };
+    for (label, notify) in [
+        ("engine refresh 1 s, polling only", false),
+        ("NOTIFY triggers (push)", true),
+    ] {
+        let options = StackOptions {
+            notify_triggers: notify,
+            subscription_refresh_seconds: 1,
+            ..StackOptions::default()
+        };
         let stack = Stack::start(&options)?;
         let client = client_for(stack.info());
         let mut latencies = live_latency(&client, 30).await?;
@@ -93,13 +115,21 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn client_for(info: &StackInfo) -> HasuraClient {
-    let mut config = HasuraConfig::new(info.graphql_url.parse().expect("url"), Some(info.admin_secret.clone()));
+    let mut config = HasuraConfig::new(
+        info.graphql_url.parse().expect("url"),
+        Some(info.admin_secret.clone()),
+    );
     config.websocket_url = Some(info.websocket_url.parse().expect("url"));
     HasuraClient::new(config)
 }
 
 /// ACTIVE instances in region `bench`, each full of WAITING boxes.
-async fn fleet(client: &HasuraClient, instances: usize, boxes_each: usize) -> anyhow::Result<(Vec<String>, Vec<MandelboxId>)> {
+async fn fleet(
+    client: &HasuraClient,
+    instances: usize,
+    boxes_each: usize,
+) -> anyhow::Result<(Vec<String>, Vec<MandelboxId>)> {
+    let capacity = i32::try_from(boxes_each)?;
     let rows: Vec<NewInstance> = (0..instances)
         .map(|_| NewInstance {
             id: format!("i-{}", uuid::Uuid::new_v4().simple()),
@@ -108,27 +138,43 @@ async fn fleet(client: &HasuraClient, instances: usize, boxes_each: usize) -> an
             image_id: "ami-bench".into(),
             client_sha: "bench".into(),
             instance_type: "g4dn.12xlarge".into(),
-            remaining_capacity: i32::try_from(boxes_each)?,
+            remaining_capacity: capacity,
             status: InstanceStatus::Active,
         })
         .collect();
-    client.execute(&ops::instances::insert_instances(&rows)).await?;
+    client
+        .execute(&ops::instances::insert_instances(&rows))
+        .await?;
     let boxes: Vec<NewMandelbox> = rows
         .iter()
-        .flat_map(|row| (0..boxes_each).map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "CHROME", &row.id)))
+        .flat_map(|row| {
+            (0..boxes_each)
+                .map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "CHROME", &row.id))
+        })
         .collect();
     for chunk in boxes.chunks(500) {
-        client.execute(&ops::mandelboxes::insert_mandelboxes(chunk)).await?;
+        client
+            .execute(&ops::mandelboxes::insert_mandelboxes(chunk))
+            .await?;
     }
-    Ok((rows.into_iter().map(|row| row.id).collect(), boxes.into_iter().map(|row| row.id).collect()))
+    Ok((
+        rows.into_iter().map(|row| row.id).collect(),
+        boxes.into_iter().map(|row| row.id).collect(),
+    ))
 }
 
 /// Inserts a box `samples` times and measures until the live query shows it.
 async fn live_latency(client: &HasuraClient, samples: usize) -> anyhow::Result<Vec<Duration>> {
     let (instances, _) = fleet(client, 1, 0).await?;
     let options = LiveOptions::default();
-    let mut subscription = client.subscribe_with(live::queries::mandelboxes_on_instance(&instances[0]), options);
-    subscription.next().await.ok_or_else(|| anyhow::anyhow!("no first snapshot"))?;
+    let mut subscription = client.subscribe_with(
+        live::queries::mandelboxes_on_instance(&instances[0]),
+        options,
+    );
+    subscription
+        .next()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no first snapshot"))?;
     let mut latencies = Vec::new();
     for _ in 0..samples {
         let id = MandelboxId::new_random();
@@ -136,7 +182,9 @@ async fn live_latency(client: &HasuraClient, samples: usize) -> anyhow::Result<V
         tokio::time::sleep(Duration::from_millis(fastrand::u64(50..400))).await;
         let started = Instant::now();
         client
-            .execute(&ops::mandelboxes::insert_mandelboxes(&[NewMandelbox::waiting(id, "CHROME", &instances[0])]))
+            .execute(&ops::mandelboxes::insert_mandelboxes(&[
+                NewMandelbox::waiting(id, "CHROME", &instances[0]),
+            ]))
             .await?;
         loop {
             let snapshot = tokio::time::timeout(Duration::from_secs(10), subscription.next())

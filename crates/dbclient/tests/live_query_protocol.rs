@@ -6,12 +6,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_tungstenite::WebSocketStream;
 use async_tungstenite::tokio::{TokioAdapter, accept_hdr_async};
 use async_tungstenite::tungstenite::Message;
 use async_tungstenite::tungstenite::handshake::server::{Request, Response};
 use async_tungstenite::tungstenite::http::HeaderValue;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
-use async_tungstenite::WebSocketStream;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,7 +38,11 @@ struct Observed {
 #[derive(Debug, Clone, Copy)]
 enum Script {
     /// Ack, send `instances` rows, send `keepalives` pings, then close with `code`.
-    ServeThenClose { instances: usize, keepalives: usize, code: u16 },
+    ServeThenClose {
+        instances: usize,
+        keepalives: usize,
+        code: u16,
+    },
     /// Ack, send rows, then go silent (read and ignore everything, answer nothing).
     ServeThenSilence { instances: usize },
     /// Ack, then send a message that is not JSON.
@@ -55,14 +59,22 @@ struct Peer {
 }
 
 async fn start_peer(scripts: Vec<Script>) -> Peer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-    let url = format!("ws://{}/v1/graphql", listener.local_addr().expect("address"));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let url = format!(
+        "ws://{}/v1/graphql",
+        listener.local_addr().expect("address")
+    );
     let observed = Arc::new(Mutex::new(Observed::default()));
     let state = observed.clone();
     tokio::spawn(async move {
         let mut number = 0;
         while let Ok((stream, _)) = listener.accept().await {
-            let script = scripts.get(number).copied().unwrap_or(Script::ServeForever { instances: 0 });
+            let script = scripts
+                .get(number)
+                .copied()
+                .unwrap_or(Script::ServeForever { instances: 0 });
             number += 1;
             tokio::spawn(serve(stream, script, state.clone()));
         }
@@ -73,6 +85,10 @@ async fn start_peer(scripts: Vec<Script>) -> Peer {
 async fn serve(stream: TcpStream, script: Script, observed: Arc<Mutex<Observed>>) {
     let missing_protocol = Arc::new(Mutex::new(false));
     let flag = missing_protocol.clone();
+    #[allow(
+        clippy::result_large_err,
+        reason = "the handshake callback's signature is tungstenite's"
+    )]
     let callback = move |request: &Request, mut response: Response| {
         let offered = request
             .headers()
@@ -80,10 +96,15 @@ async fn serve(stream: TcpStream, script: Script, observed: Arc<Mutex<Observed>>
             .and_then(|value| value.to_str().ok())
             .is_some_and(|value| value.split(',').any(|p| p.trim() == "graphql-transport-ws"));
         *flag.lock().expect("flag") = !offered;
-        response.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("graphql-transport-ws"));
+        response.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static("graphql-transport-ws"),
+        );
         Ok(response)
     };
-    let Ok(mut ws) = accept_hdr_async(stream, callback).await else { return };
+    let Ok(mut ws) = accept_hdr_async(stream, callback).await else {
+        return;
+    };
     {
         let mut observed = observed.lock().expect("observed");
         observed.connections += 1;
@@ -93,27 +114,44 @@ async fn serve(stream: TcpStream, script: Script, observed: Arc<Mutex<Observed>>
     }
 
     // connection_init must carry the admin secret.
-    let Some(init) = next_json(&mut ws).await else { return };
-    if init["type"] != "connection_init" || init["payload"]["headers"]["x-hasura-admin-secret"] != SECRET {
+    let Some(init) = next_json(&mut ws).await else {
+        return;
+    };
+    if init["type"] != "connection_init"
+        || init["payload"]["headers"]["x-hasura-admin-secret"] != SECRET
+    {
         observed.lock().expect("observed").wrong_secret += 1;
     }
     // Hasura may ping before it acknowledges.
     send_ping(&mut ws, &observed).await;
-    let Some(pong) = next_json(&mut ws).await else { return };
+    let Some(pong) = next_json(&mut ws).await else {
+        return;
+    };
     record_pong(&pong, &observed);
     send_json(&mut ws, json!({"type": "connection_ack"})).await;
-    let Some(subscribe) = next_json(&mut ws).await else { return };
+    let Some(subscribe) = next_json(&mut ws).await else {
+        return;
+    };
     let id = subscribe["id"].as_str().unwrap_or("1").to_owned();
 
     match script {
-        Script::ServeThenClose { instances, keepalives, code } => {
+        Script::ServeThenClose {
+            instances,
+            keepalives,
+            code,
+        } => {
             send_rows(&mut ws, &id, instances).await;
             for _ in 0..keepalives {
                 if !keepalive_round(&mut ws, &observed).await {
                     return;
                 }
             }
-            let _ = ws.close(Some(CloseFrame { code: code.into(), reason: "scripted close".into() })).await;
+            let _ = ws
+                .close(Some(CloseFrame {
+                    code: code.into(),
+                    reason: "scripted close".into(),
+                }))
+                .await;
         }
         Script::ServeThenSilence { instances } => {
             send_rows(&mut ws, &id, instances).await;
@@ -146,11 +184,9 @@ async fn keepalive_round(ws: &mut Socket, observed: &Arc<Mutex<Observed>>) -> bo
             Ok(Some(Ok(Message::Text(text)))) => {
                 let message: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
                 match message["type"].as_str() {
-                    Some("pong") => {
-                        if !record_pong(&message, observed) {
-                            // Hasura's rule: a pong without a payload is answered with a ping.
-                            send_ping(ws, observed).await;
-                        }
+                    // Hasura's rule: a pong without a payload is answered with a ping.
+                    Some("pong") if !record_pong(&message, observed) => {
+                        send_ping(ws, observed).await
                     }
                     Some("ping") => send_json(ws, json!({"type": "pong"})).await,
                     _ => {}
@@ -183,7 +219,11 @@ async fn send_ping(ws: &mut Socket, observed: &Arc<Mutex<Observed>>) {
 
 async fn send_rows(ws: &mut Socket, id: &str, count: usize) {
     let rows: Vec<Value> = (0..count).map(instance_json).collect();
-    send_json(ws, json!({"type": "next", "id": id, "payload": {"data": {"whist_instances": rows}}})).await;
+    send_json(
+        ws,
+        json!({"type": "next", "id": id, "payload": {"data": {"whist_instances": rows}}}),
+    )
+    .await;
 }
 
 fn instance_json(n: usize) -> Value {
@@ -211,7 +251,10 @@ async fn next_json(ws: &mut Socket) -> Option<Value> {
 
 fn subscribe(peer: &Peer, keep_alive: Duration) -> Subscription<Instance> {
     whist_logging::init_for_tests();
-    let config = HasuraConfig::new(peer.url.replace("ws://", "http://").parse().expect("url"), Some(SECRET.into()));
+    let config = HasuraConfig::new(
+        peer.url.replace("ws://", "http://").parse().expect("url"),
+        Some(SECRET.into()),
+    );
     let options = LiveOptions {
         initial_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(200),
@@ -242,10 +285,26 @@ async fn wait_for_connections(peer: &Peer, count: usize) {
 #[tokio::test]
 async fn hasura_keepalives_cause_no_ping_pong_loop_and_close_codes_reconnect() {
     let peer = start_peer(vec![
-        Script::ServeThenClose { instances: 1, keepalives: 10, code: 4400 },
-        Script::ServeThenClose { instances: 2, keepalives: 2, code: 4401 },
-        Script::ServeThenClose { instances: 3, keepalives: 2, code: 4403 },
-        Script::ServeThenClose { instances: 2, keepalives: 2, code: 4409 },
+        Script::ServeThenClose {
+            instances: 1,
+            keepalives: 10,
+            code: 4400,
+        },
+        Script::ServeThenClose {
+            instances: 2,
+            keepalives: 2,
+            code: 4401,
+        },
+        Script::ServeThenClose {
+            instances: 3,
+            keepalives: 2,
+            code: 4403,
+        },
+        Script::ServeThenClose {
+            instances: 2,
+            keepalives: 2,
+            code: 4409,
+        },
         Script::ServeForever { instances: 4 },
     ])
     .await;
@@ -254,25 +313,48 @@ async fn hasura_keepalives_cause_no_ping_pong_loop_and_close_codes_reconnect() {
     let mut sizes = Vec::new();
     while sizes.last() != Some(&4) {
         let snapshot = next_snapshot(&mut subscription).await;
-        assert!(snapshot.after_connect, "each scripted connection sends one snapshot");
+        assert!(
+            snapshot.after_connect,
+            "each scripted connection sends one snapshot"
+        );
         sizes.push(snapshot.rows.len());
     }
-    assert_eq!(sizes, [1, 2, 3, 2, 4], "every close code was followed by a reconnect");
+    assert_eq!(
+        sizes,
+        [1, 2, 3, 2, 4],
+        "every close code was followed by a reconnect"
+    );
 
     let observed = peer.observed.lock().expect("observed");
-    assert_eq!(observed.subprotocol_missing, 0, "graphql-transport-ws is always requested");
-    assert_eq!(observed.wrong_secret, 0, "the admin secret is in connection_init");
-    assert_eq!(observed.pongs_without_payload, 0, "a pong always echoes the ping's payload");
+    assert_eq!(
+        observed.subprotocol_missing, 0,
+        "graphql-transport-ws is always requested"
+    );
+    assert_eq!(
+        observed.wrong_secret, 0,
+        "the admin secret is in connection_init"
+    );
+    assert_eq!(
+        observed.pongs_without_payload, 0,
+        "a pong always echoes the ping's payload"
+    );
     assert!(
         observed.pongs_with_payload <= observed.pings_sent,
         "one pong per ping, no loop: {observed:?}"
     );
-    assert!(observed.pongs_with_payload >= 15, "pings were answered: {observed:?}");
+    assert!(
+        observed.pongs_with_payload >= 15,
+        "pings were answered: {observed:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_silent_connection_is_replaced_after_the_keepalive_deadline() {
-    let peer = start_peer(vec![Script::ServeThenSilence { instances: 1 }, Script::ServeForever { instances: 2 }]).await;
+    let peer = start_peer(vec![
+        Script::ServeThenSilence { instances: 1 },
+        Script::ServeForever { instances: 2 },
+    ])
+    .await;
     let mut subscription = subscribe(&peer, Duration::from_millis(100));
     assert_eq!(next_snapshot(&mut subscription).await.rows.len(), 1);
     let snapshot = next_snapshot(&mut subscription).await;
@@ -283,7 +365,12 @@ async fn a_silent_connection_is_replaced_after_the_keepalive_deadline() {
 
 #[tokio::test]
 async fn malformed_server_messages_end_in_a_reconnect_not_a_panic() {
-    let peer = start_peer(vec![Script::Garbage, Script::BadRows, Script::ServeForever { instances: 3 }]).await;
+    let peer = start_peer(vec![
+        Script::Garbage,
+        Script::BadRows,
+        Script::ServeForever { instances: 3 },
+    ])
+    .await;
     let mut subscription = subscribe(&peer, Duration::from_secs(5));
     let snapshot = next_snapshot(&mut subscription).await;
     assert_eq!(snapshot.rows.len(), 3, "bad messages produced no snapshot");
@@ -293,8 +380,15 @@ async fn malformed_server_messages_end_in_a_reconnect_not_a_panic() {
 #[tokio::test]
 async fn an_unreachable_engine_is_retried_forever_with_backoff() {
     // Bind and drop, so nothing listens on the port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let peer = Peer { url: format!("ws://127.0.0.1:{port}/v1/graphql"), observed: Arc::default() };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let peer = Peer {
+        url: format!("ws://127.0.0.1:{port}/v1/graphql"),
+        observed: Arc::default(),
+    };
     let subscription = subscribe(&peer, Duration::from_secs(5));
     let mut state = subscription.state_watch();
     tokio::time::timeout(

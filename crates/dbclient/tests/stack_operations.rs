@@ -329,7 +329,7 @@ async fn bad_rows_are_refused_by_the_schema() {
         "InsertRaw",
         "mutation InsertRaw($objects: [whist_mandelboxes_insert_input!]!) { insert_whist_mandelboxes(objects: $objects) { affected_rows } }",
         serde_json::json!({"objects": [{"id": "not-a-uuid", "app": "CHROME", "instance_id": instances[0], "status": "WAITING"}]}),
-        |data| Ok(data),
+        Ok,
     );
     assert!(matches!(
         client.execute(&raw).await,

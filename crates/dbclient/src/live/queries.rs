@@ -176,8 +176,10 @@ mod tests {
 
     fn assert_subscription<T>(query: &LiveQuery<T>) {
         let document = query.document();
+        let header = format!("subscription {}", query.name());
         assert!(
-            document.starts_with(&format!("subscription {} ", query.name())),
+            document.starts_with(&format!("{header} "))
+                || document.starts_with(&format!("{header}(")),
             "{document}"
         );
         assert!(

@@ -1,0 +1,39 @@
+# One entry point for people and CI. `make test` is what CI runs.
+CARGO ?= cargo
+STACK := $(CARGO) run --quiet -p whist-test-support --bin stack --
+
+.PHONY: run stack test check lint fmt bench engine nextest clean
+
+## run: start the local stack (Postgres + GraphQL engine, seeded with a small fleet config) and print its URLs
+run: engine
+	$(STACK) up --seed
+
+## stack: the same stack without the seed data
+stack: engine
+	$(STACK) up
+
+## test: format and lint checks, then every test tier against one shared local stack
+test: engine check nextest
+	$(STACK) exec -- $(CARGO) nextest run --workspace --no-fail-fast
+
+## check: formatting and clippy, warnings are errors
+check:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## bench: print the foundation's figures (stack start-up, round trips, claims/s, live-query latency)
+bench: engine
+	$(CARGO) run --release -p whist-dbclient --example bench
+
+## engine: install the Hasura-dialect GraphQL engine once per machine (cached outside the repo)
+engine:
+	@bash scripts/install-postrust.sh >/dev/null
+
+nextest:
+	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
