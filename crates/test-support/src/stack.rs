@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, bail};
 
@@ -141,9 +141,9 @@ impl StackInfo {
 #[derive(Debug)]
 pub struct Stack {
     info: StackInfo,
-    // Field order is drop order: the engine goes before the database it uses.
     engine: Engine,
-    postgres: Postgres,
+    /// Taken in `drop` so the server stops before its directory is removed.
+    postgres: Option<Postgres>,
     dir: PathBuf,
     watchdog: Option<Child>,
 }
@@ -151,15 +151,15 @@ pub struct Stack {
 impl Stack {
     /// Starts Postgres, applies the migrations (and seeds, if asked), and starts the engine.
     pub fn start(options: &StackOptions) -> anyhow::Result<Self> {
-        let started = Instant::now();
         let root = repo_root();
         let engine_binary = engine_binary()?;
         let tables = tracked_tables(&root.join("deploy/hasura/metadata"))?;
 
+        static STACKS_STARTED: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "whist-stack-{}-{}",
             std::process::id(),
-            started.elapsed().as_nanos()
+            STACKS_STARTED.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let postgres = Postgres::start(&dir)?;
@@ -196,7 +196,7 @@ impl Stack {
         Ok(Self {
             info,
             engine,
-            postgres,
+            postgres: Some(postgres),
             dir,
             watchdog,
         })
@@ -207,7 +207,7 @@ impl Stack {
     }
 
     pub fn postgres(&self) -> &Postgres {
-        &self.postgres
+        self.postgres.as_ref().expect("only drop takes the server")
     }
 
     pub fn engine(&self) -> &Engine {
@@ -227,10 +227,9 @@ impl Drop for Stack {
             let _ = watchdog.kill();
             let _ = watchdog.wait();
         }
-        // Postgres stops when its field drops, after this; its files go with the directory,
-        // which it no longer needs once stopped.
-        let dir = self.dir.clone();
-        let _ = std::fs::remove_dir_all(&dir);
+        // The engine first (it holds connections), then the database, then its files.
+        drop(self.postgres.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -290,8 +289,7 @@ pub fn shared() -> &'static StackInfo {
             .unwrap_or_else(|error| panic!("could not start the local stack: {error:#}"));
         let info = stack.info().clone();
         // Statics are never dropped; the watchdog stops everything when the process ends.
-        let stack = Box::leak(Box::new(stack));
-        let _ = stack;
+        std::mem::forget(stack);
         info
     })
 }
