@@ -1,0 +1,1 @@
+//! A self-signed TLS certificate made in process.
