@@ -8,12 +8,14 @@
 //! exits, however it exits.
 
 mod engine;
+pub mod mandelbox_image;
 mod metadata;
 mod postgres;
 mod process;
 mod stack;
 
 pub use engine::{Engine, EngineOptions, engine_binary};
+pub use mandelbox_image::reference_mandelbox_image;
 pub use metadata::{engine_names_json, notify_triggers_sql, tracked_tables};
 pub use postgres::Postgres;
 pub use stack::{Stack, StackInfo, StackOptions, repo_root, shared};
