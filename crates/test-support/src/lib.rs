@@ -8,6 +8,7 @@
 //! exits, however it exits.
 
 mod engine;
+pub mod jwt;
 mod metadata;
 mod postgres;
 mod process;
