@@ -8,6 +8,7 @@
 //! exits, however it exits.
 
 mod engine;
+pub mod jwt;
 pub mod mandelbox_image;
 mod metadata;
 mod postgres;

@@ -2,3 +2,6 @@
 
 pub mod auth;
 pub mod tls;
+
+pub use auth::{AuthError, Claims, JwtConfig, JwtVerifier, bearer_token};
+pub use tls::{SelfSigned, TlsError, self_signed, serve_tls};
