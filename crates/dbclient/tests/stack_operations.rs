@@ -283,6 +283,33 @@ async fn mandelbox_lifecycle_moves_capacity_only_for_assigned_boxes() {
 }
 
 #[tokio::test]
+async fn a_conditional_delete_spares_a_box_that_was_claimed() {
+    let client = client();
+    let (_instances, boxes) = active_fleet(&client, &unique("region"), 1, 2).await;
+    client
+        .claim_mandelbox(boxes[0], &unique("user"), "1")
+        .await
+        .expect("claim");
+    let waiting_only = [MandelboxStatus::Waiting];
+    let claimed = client
+        .execute(&ops::mandelboxes::delete_mandelbox_in(
+            boxes[0],
+            &waiting_only,
+        ))
+        .await
+        .expect("delete");
+    assert_eq!(claimed, None, "the claimed box stays");
+    let zygote = client
+        .execute(&ops::mandelboxes::delete_mandelbox_in(
+            boxes[1],
+            &waiting_only,
+        ))
+        .await
+        .expect("delete");
+    assert_eq!(zygote.map(|m| m.id), Some(boxes[1]));
+}
+
+#[tokio::test]
 async fn stale_boxes_are_deleted_by_state_and_age() {
     let client = client();
     let (instances, boxes) = active_fleet(&client, &unique("region"), 1, 2).await;

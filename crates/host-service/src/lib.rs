@@ -1,4 +1,370 @@
 //! The per-host agent: registers the host, keeps pre-warmed mandelboxes, runs sessions and drains.
+//!
+//! [`start`] brings the service up in order (identity, registration, resources, adoption of what
+//! an earlier run left, listeners, the [`agent`]) and returns a [`Running`] service; its
+//! [`Running::wait`] resolves after the drain with the [`Exit`] to report. `main.rs` only parses
+//! configuration, wires signals to the shutdown token and turns the `Exit` into a process code.
 
+pub mod agent;
+pub mod apparmor;
+pub mod config;
+pub mod heartbeat;
 pub mod http;
+pub mod mandelbox;
+pub mod metadata;
+pub mod metrics;
+pub mod registration;
 pub mod resources;
+pub mod runtime;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use whist_dbclient::{HasuraClient, LiveOptions};
+
+use crate::agent::{AgentParts, DrainReport};
+use crate::config::{Config, IdentitySource};
+use crate::http::auth::JwtVerifier;
+use crate::http::routes::{AppState, ops_router, transport_router};
+use crate::mandelbox::spec::HostFeatures;
+use crate::metadata::HostIdentity;
+use crate::metrics::Metrics;
+use crate::registration::Registration;
+use crate::resources::gpus::{GpuSlots, MANDELBOXES_PER_GPU, discover_gpus};
+use crate::resources::ports::PortAllocator;
+use crate::resources::ttys::TtyAllocator;
+use crate::runtime::ContainerRuntime;
+use crate::runtime::docker::DockerRuntime;
+
+/// How the process ends; each has its own exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Drained: no sessions left, row deleted.
+    Drained,
+    /// Drained, but the deadline passed and live sessions were stopped.
+    DrainForced,
+    /// Could not start (metadata, database, Docker, listeners).
+    StartupFailed(String),
+    /// The instance row does not describe this host.
+    RegistrationRefused(String),
+    /// Drained, but the instance row could not be deleted.
+    RowNotDeleted,
+}
+
+impl Exit {
+    /// 0 success; 2 is clap's code for bad arguments; the rest say what went wrong.
+    pub fn code(&self) -> u8 {
+        match self {
+            Self::Drained => 0,
+            Self::StartupFailed(_) => 3,
+            Self::RegistrationRefused(_) => 4,
+            Self::DrainForced => 5,
+            Self::RowNotDeleted => 6,
+        }
+    }
+}
+
+/// A started service.
+#[derive(Debug)]
+pub struct Running {
+    pub identity: HostIdentity,
+    /// Where `json_transport` is served (TLS).
+    pub transport_addr: SocketAddr,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (plain HTTP).
+    pub ops_addr: SocketAddr,
+    /// The self-signed certificate of the TLS listener (DER), for callers that pin it.
+    pub certificate_der: Vec<u8>,
+    pub agent: agent::AgentHandle,
+    shutdown: CancellationToken,
+    finished: tokio::task::JoinHandle<Exit>,
+}
+
+impl Running {
+    /// Begins a drain, as SIGTERM does.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for the service to end.
+    pub async fn wait(self) -> Exit {
+        self.finished
+            .await
+            .unwrap_or_else(|error| Exit::StartupFailed(format!("service task failed: {error}")))
+    }
+}
+
+/// Options tests and benchmarks tune; production uses the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    pub live: Option<LiveOptions>,
+    /// GPUs to assume instead of asking NVML (tests use several fake ones).
+    pub gpus: Option<Arc<dyn resources::gpus::GpuInventory>>,
+}
+
+/// Starts the service. `shutdown` begins a drain when cancelled.
+pub async fn start(
+    config: Config,
+    options: StartOptions,
+    shutdown: CancellationToken,
+) -> Result<Running, Exit> {
+    let config = Arc::new(config);
+    let transport_listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| startup(format!("listen on {}: {error}", config.listen)))?;
+    let ops_listener = TcpListener::bind(config.ops_listen)
+        .await
+        .map_err(|error| startup(format!("listen on {}: {error}", config.ops_listen)))?;
+    let transport_addr = transport_listener
+        .local_addr()
+        .map_err(|e| startup(e.to_string()))?;
+    let ops_addr = ops_listener
+        .local_addr()
+        .map_err(|e| startup(e.to_string()))?;
+
+    let identity = match &config.identity {
+        IdentitySource::Local(identity) => identity.clone(),
+        IdentitySource::Imds(endpoint) => metadata::from_imds(endpoint)
+            .await
+            .map_err(|error| startup(format!("read instance metadata: {error}")))?,
+    };
+    let span = tracing::info_span!("host", instance.id = %identity.instance_id);
+    tracing::info!(
+        instance.name = identity.name.as_deref().unwrap_or("-"),
+        instance.r#type = %identity.instance_type,
+        region = %identity.region,
+        commit = %config.host_commit,
+        "starting"
+    );
+
+    let db = HasuraClient::new(config.hasura.clone());
+    let docker = DockerRuntime::connect(&config.docker_socket)
+        .await
+        .map_err(|error| {
+            startup(format!(
+                "connect to Docker at {}: {error}",
+                config.docker_socket.display()
+            ))
+        })?;
+    let runtime: Arc<dyn ContainerRuntime> = Arc::new(docker);
+
+    let registration = registration::register(&db, &identity, &config.host_commit)
+        .await
+        .map_err(|error| match error {
+            registration::RegistrationError::Database(error) => {
+                startup(format!("read the instance row: {error}"))
+            }
+            other => Exit::RegistrationRefused(other.to_string()),
+        })?;
+    match &registration {
+        Registration::Registered(_) => tracing::info!("registered; instance is ACTIVE"),
+        Registration::Resumed(_) => {
+            tracing::info!("instance already ACTIVE as this host; resuming")
+        }
+        Registration::Draining(_) => tracing::info!("instance is DRAINING; draining at once"),
+    }
+
+    let features = HostFeatures::detect();
+    let features = if features.apparmor {
+        match apparmor::load_profile().await {
+            Ok(()) => features,
+            Err(error) => {
+                tracing::warn!(%error, "AppArmor profile not loaded; mandelboxes run without it");
+                HostFeatures {
+                    apparmor: false,
+                    ..features
+                }
+            }
+        }
+    } else {
+        features
+    };
+    for dir in [&config.mandelbox.whist_dir, &config.mandelbox.temp_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(|error| startup(format!("create {}: {error}", dir.display())))?;
+    }
+
+    let gpus = options
+        .gpus
+        .clone()
+        .unwrap_or_else(|| discover_gpus(config.gpu));
+    let mut gpu_slots = GpuSlots::for_gpus(gpus.gpus(), MANDELBOXES_PER_GPU);
+    let mut ports = PortAllocator::new(
+        PortAllocator::default_range(),
+        [config.listen.port(), config.ops_listen.port()],
+    );
+    let mut ttys = TtyAllocator::default();
+    let instance = registration.instance().clone();
+    let adopted = agent::adopt::reconcile(
+        &db,
+        runtime.as_ref(),
+        &instance.id,
+        &config.mandelbox,
+        agent::adopt::Allocators {
+            ports: &mut ports,
+            ttys: &mut ttys,
+            gpus: &mut gpu_slots,
+        },
+        config.timeouts.stop_grace,
+    )
+    .await
+    .map_err(|error| startup(format!("reconcile with an earlier run: {error}")))?;
+    if !adopted.is_empty() {
+        tracing::info!(
+            count = adopted.len(),
+            "adopted mandelboxes of an earlier run"
+        );
+    }
+
+    let verifier = config
+        .auth
+        .clone()
+        .map(|auth| JwtVerifier::new(auth, reqwest::Client::new()));
+    if verifier.is_none() {
+        tracing::warn!("no token issuer configured: json_transport does not check callers");
+    }
+    let tls = http::tls::self_signed(&subject_alt_names(&identity))
+        .map_err(|error| startup(format!("make the TLS certificate: {error}")))?;
+
+    let metrics = Arc::new(Metrics::new());
+    let agent_shutdown = shutdown.child_token();
+    let (agent, agent_task) = agent::spawn(
+        AgentParts {
+            config: config.clone(),
+            draining: matches!(registration, Registration::Draining(_)),
+            instance,
+            db: db.clone(),
+            runtime,
+            features,
+            ports,
+            ttys,
+            gpus: gpu_slots,
+            metrics: metrics.clone(),
+            adopted,
+            live_options: options.live.unwrap_or_default(),
+        },
+        agent_shutdown,
+    );
+
+    let servers_stop = CancellationToken::new();
+    let state = AppState {
+        agent: agent.clone(),
+        verifier: verifier.clone(),
+        metrics,
+    };
+    let transport_server = tokio::spawn(http::tls::serve_tls(
+        transport_listener,
+        tls.server_config.clone(),
+        transport_router(state.clone()),
+        servers_stop.clone(),
+        Duration::from_secs(5),
+    ));
+    let ops_server = tokio::spawn(serve_plain(
+        ops_listener,
+        ops_router(state),
+        servers_stop.clone(),
+    ));
+    let heartbeat_stop = CancellationToken::new();
+    tokio::spawn(heartbeat::run(
+        db,
+        identity.instance_id.clone(),
+        config.timeouts.heartbeat_interval,
+        heartbeat_stop.clone(),
+    ));
+    let jwks_refresh = verifier
+        .as_ref()
+        .map(|verifier| verifier.spawn_periodic_refresh(servers_stop.clone()));
+
+    let finished = tokio::spawn(
+        async move {
+            let report = agent_task.await.unwrap_or(DrainReport {
+                forced: true,
+                row_deleted: false,
+                requested_by_fleet: false,
+            });
+            heartbeat_stop.cancel();
+            servers_stop.cancel();
+            let _ = transport_server.await;
+            let _ = ops_server.await;
+            if let Some(refresh) = jwks_refresh {
+                let _ = refresh.await;
+            }
+            tracing::info!(?report, "drained");
+            if let Some(command) = &config.power_off_command {
+                power_off(command).await;
+            }
+            if !report.row_deleted {
+                Exit::RowNotDeleted
+            } else if report.forced {
+                Exit::DrainForced
+            } else {
+                Exit::Drained
+            }
+        }
+        .instrument_in(span),
+    );
+
+    Ok(Running {
+        identity,
+        transport_addr,
+        ops_addr,
+        certificate_der: tls.certificate_der,
+        agent,
+        shutdown,
+        finished,
+    })
+}
+
+fn startup(message: String) -> Exit {
+    Exit::StartupFailed(message)
+}
+
+/// The names clients may reach the TLS endpoint by.
+fn subject_alt_names(identity: &HostIdentity) -> Vec<String> {
+    let mut names = vec![
+        identity.public_ip.to_string(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+        "localhost".to_owned(),
+    ];
+    names.dedup();
+    names
+}
+
+async fn serve_plain(listener: TcpListener, router: axum::Router, stop: CancellationToken) {
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "operations endpoint failed");
+    }
+}
+
+async fn power_off(command: &[String]) {
+    let Some((program, args)) = command.split_first() else {
+        return;
+    };
+    tracing::info!(command = %command.join(" "), "powering off");
+    match tokio::process::Command::new(program)
+        .args(args)
+        .status()
+        .await
+    {
+        Ok(status) if status.success() => {}
+        Ok(status) => tracing::error!(%status, "power-off command failed"),
+        Err(error) => tracing::error!(%error, "power-off command could not run"),
+    }
+}
+
+/// `tracing::Instrument` under a name that does not clash with futures' combinators.
+trait InstrumentIn: Sized {
+    fn instrument_in(self, span: tracing::Span) -> tracing::instrument::Instrumented<Self>;
+}
+
+impl<F: std::future::Future> InstrumentIn for F {
+    fn instrument_in(self, span: tracing::Span) -> tracing::instrument::Instrumented<Self> {
+        tracing::Instrument::instrument(self, span)
+    }
+}

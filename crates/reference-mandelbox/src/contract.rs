@@ -180,6 +180,15 @@ pub fn check_config_json(dir: &Path, poll: Duration) -> Result<(), Failure> {
     }
 }
 
+/// The key in `config.json` that keeps this box from ever signalling readiness, so tests can
+/// exercise the host's readiness timeout. The real image has no such key.
+pub const HOLD_READINESS_KEY: &str = "\"reference_hold_readiness\"";
+
+/// Whether `config.json` carries [`HOLD_READINESS_KEY`] (a plain substring test: no JSON parser).
+pub fn holds_readiness(dir: &Path) -> bool {
+    fs::read_to_string(dir.join(CONFIG_JSON)).is_ok_and(|text| text.contains(HOLD_READINESS_KEY))
+}
+
 /// The session id, if the host wrote one (trimmed; empty counts as absent).
 pub fn read_session_id(dir: &Path) -> Option<String> {
     let id = fs::read_to_string(dir.join(SESSION_ID_FILE)).ok()?;

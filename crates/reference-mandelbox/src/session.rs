@@ -196,6 +196,7 @@ impl Session {
         let config_json = dir.join(contract::CONFIG_JSON);
         // Set when ready and the timeout is finite; a zygote (not ready) never times out.
         let mut deadline: Option<Instant> = None;
+        let mut holding = false;
         loop {
             match self.events.recv_timeout(self.config.poll) {
                 Ok(Event::End) => return Ok(Ended::ByClient),
@@ -210,8 +211,14 @@ impl Session {
                     return Err(Failure::new(contract::EXIT_IO, "listener channel closed"));
                 }
             }
-            if self.shared.ready.get().is_none() && config_json.exists() {
+            if self.shared.ready.get().is_none() && !holding && config_json.exists() {
                 contract::check_config_json(dir, self.config.poll)?;
+                if contract::holds_readiness(dir) {
+                    // A test asked this box to stay not-ready (the host's readiness timeout).
+                    println!("config.json asks to hold readiness; never becoming ready");
+                    holding = true;
+                    continue;
+                }
                 let session_id = contract::read_session_id(dir);
                 // Shared state first, file second: once the host sees the file, ports say ready.
                 let _ = self.shared.ready.set(session_id.clone());

@@ -49,6 +49,24 @@ impl std::str::FromStr for Environment {
     }
 }
 
+impl Environment {
+    /// The name mandelboxes see (`SENTRY_ENV`) and logs carry.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Dev => "dev",
+            Self::Staging => "staging",
+            Self::Prod => "prod",
+        }
+    }
+}
+
+impl std::fmt::Display for Environment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The single row of `config.desktop_app_version`: the published client, per environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesktopAppVersion {

@@ -136,6 +136,27 @@ pub fn delete_mandelbox(id: MandelboxId) -> Operation<Option<Mandelbox>> {
     )
 }
 
+const DELETE_MANDELBOX_IN: &str = concat!(
+    "mutation DeleteMandelboxIn($id: String!, $statuses: [String!]) { ",
+    "delete_whist_mandelboxes(where: {id: {_eq: $id}, status: {_in: $statuses}}) { affected_rows returning { ",
+    mandelbox_fields!(),
+    " } } }"
+);
+
+/// Deletes a mandelbox row only while its status is one of `statuses` (e.g. a zygote retired
+/// only while still WAITING, so a claim racing the retirement wins). `None` when nothing matched.
+pub fn delete_mandelbox_in(
+    id: MandelboxId,
+    statuses: &[MandelboxStatus],
+) -> Operation<Option<Mandelbox>> {
+    Operation::new(
+        "DeleteMandelboxIn",
+        DELETE_MANDELBOX_IN,
+        json!({ "id": id, "statuses": statuses }),
+        returning_one("delete_whist_mandelboxes"),
+    )
+}
+
 const DELETE_STALE_MANDELBOXES: &str = concat!(
     "mutation DeleteStaleMandelboxes($instance_id: String!, $status: String!, $before: timestamptz!) { ",
     "delete_whist_mandelboxes(where: {instance_id: {_eq: $instance_id}, status: {_eq: $status}, updated_at: {_lt: $before}}) { affected_rows returning { ",
@@ -188,6 +209,7 @@ mod tests {
             MandelboxStatus::Connecting,
         ));
         assert_well_formed(&delete_mandelbox(id));
+        assert_well_formed(&delete_mandelbox_in(id, &[MandelboxStatus::Waiting]));
         assert_well_formed(&delete_stale_mandelboxes(
             "i-1",
             MandelboxStatus::Allocated,

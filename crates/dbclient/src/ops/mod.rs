@@ -12,6 +12,11 @@ pub mod images;
 pub mod instances;
 pub mod mandelboxes;
 
+pub use self::config::*;
+pub use self::images::*;
+pub use self::instances::*;
+pub use self::mandelboxes::*;
+
 /// The columns of `whist.instances`, in table order.
 macro_rules! instance_fields {
     () => {

@@ -1,6 +1,7 @@
 //! The host's HTTP surface: `json_transport` over TLS, health and metrics.
 
 pub mod auth;
+pub mod routes;
 pub mod tls;
 
 pub use auth::{AuthError, Claims, JwtConfig, JwtVerifier, bearer_token};

@@ -1,0 +1,221 @@
+//! The routes: `PUT /json_transport` on the TLS listener; `/healthz`, `/readyz` and `/metrics` on
+//! both listeners (metrics only on the plain one).
+//!
+//! Every request gets an answer with a status that says what went wrong; errors map to HTTP in
+//! [`ApiError`]'s `IntoResponse`, and nothing a request does can reach the agent's state except
+//! through the agent.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use serde::Deserialize;
+use serde_json::json;
+use whist_types::MandelboxId;
+
+use super::auth::{AuthError, JwtVerifier, bearer_token};
+use crate::agent::AgentHandle;
+use crate::agent::transport::{TransportError, TransportRequest};
+use crate::mandelbox::files::{UndecodableClientConfig, decode_client_config};
+use crate::metrics::Metrics;
+
+/// Browser data can make a client's configuration large; anything past this is refused.
+const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// What the routes share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub agent: AgentHandle,
+    /// `None` when this host runs without authentication (local mode only).
+    pub verifier: Option<JwtVerifier>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The TLS listener's routes.
+pub fn transport_router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/json_transport", any(json_transport))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The plain-HTTP operations listener's routes.
+pub fn ops_router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let status = state.agent.status();
+    let code = if status.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(json!({
+            "ready": status.ready(),
+            "draining": status.draining,
+            "mandelbox_rows_live": status.mandelboxes_live,
+            "instance_row_live": status.instance_live,
+            "docker_events_live": status.docker_events_live,
+            "zygote_failures_in_a_row": status.zygote_failures,
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// The body clients send. Unknown fields (`ip`, `app_name`, `jwt_access_token`) are accepted and
+/// ignored; the token comes from the `Authorization` header only.
+#[derive(Debug, Deserialize)]
+struct TransportBody {
+    mandelbox_id: String,
+    #[serde(default)]
+    json_data: String,
+}
+
+async fn json_transport(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    body: Result<Json<TransportBody>, JsonRejection>,
+) -> Response {
+    let result = match method {
+        Method::OPTIONS => return cors(StatusCode::NO_CONTENT.into_response()),
+        Method::PUT => handle_transport(&state, &headers, body).await,
+        other => Err(ApiError::Method(other)),
+    };
+    let response = match result {
+        Ok(ready) => (StatusCode::OK, Json(json!({ "result": ready }))).into_response(),
+        Err(error) => error.into_response(),
+    };
+    state.metrics.transport_request(response.status().as_u16());
+    cors(response)
+}
+
+async fn handle_transport(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Json<TransportBody>, JsonRejection>,
+) -> Result<crate::agent::transport::SessionReady, ApiError> {
+    let caller = match &state.verifier {
+        Some(verifier) => {
+            let token = bearer_token(headers)?;
+            Some(verifier.verify(token).await?.subject)
+        }
+        None => None,
+    };
+    let Json(body) = body.map_err(|rejection| ApiError::Body(rejection.body_text()))?;
+    let id: MandelboxId = body.mandelbox_id.trim().parse().map_err(|_| {
+        ApiError::Body(format!(
+            "mandelbox_id {:?} is not a UUID",
+            body.mandelbox_id
+        ))
+    })?;
+    let config = decode_client_config(&body.json_data)?;
+    let (request, reply) = TransportRequest::new(id, caller, config);
+    state.agent.transport(request).await;
+    // The agent answers every request it takes; a dropped reply means it stopped meanwhile.
+    reply
+        .await
+        .unwrap_or(Err(TransportError::Draining))
+        .map_err(ApiError::Transport)
+}
+
+/// Every way a request can fail, each with its status.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("method {0} not allowed; use PUT")]
+    Method(Method),
+    #[error("malformed body: {0}")]
+    Body(String),
+    #[error(transparent)]
+    Config(#[from] UndecodableClientConfig),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Transport(TransportError),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Body(_) | Self::Config(_) => StatusCode::BAD_REQUEST,
+            Self::Auth(AuthError::JwksUnavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Auth(_) => StatusCode::UNAUTHORIZED,
+            Self::Transport(error) => match error {
+                TransportError::UnknownMandelbox => StatusCode::NOT_FOUND,
+                TransportError::NotYours => StatusCode::FORBIDDEN,
+                TransportError::Repeated => StatusCode::CONFLICT,
+                TransportError::NotReady(_) => StatusCode::GATEWAY_TIMEOUT,
+                TransportError::Gone => StatusCode::GONE,
+                TransportError::Draining | TransportError::Unavailable => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                TransportError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if let Self::Method(_) = self {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("PUT, OPTIONS"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Browser extensions call this endpoint directly in development; allow them.
+fn cors(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Origin, Accept, Content-Type, Authorization, X-Requested-With"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("PUT, OPTIONS"),
+    );
+    response
+}
