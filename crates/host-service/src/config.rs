@@ -22,7 +22,7 @@ pub const BUILD_COMMIT: &str = match option_env!("WHIST_GIT_COMMIT") {
 
 /// The per-host agent of the session fleet.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "host-service", version, about)]
+#[command(name = "host-service", version, about, args_override_self = true)]
 pub struct Args {
     /// Deployment environment: local, dev, staging or prod. Passed into every mandelbox as
     /// `SENTRY_ENV` and decides the power-off default.
