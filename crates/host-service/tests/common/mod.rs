@@ -470,3 +470,67 @@ pub fn end_session(ports: &HostPorts) {
     let reply = box_request(ports.port_32262, "END").expect("box answers END");
     assert_eq!(reply.trim(), "bye");
 }
+
+/// A loopback port free right now (for a service binary that must be told its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port")
+}
+
+/// The host-service binary, run as a separate process.
+pub struct ServiceProcess {
+    pub child: std::process::Child,
+}
+
+impl ServiceProcess {
+    pub fn spawn(args: &[String]) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_host-service"))
+            .args(args)
+            .env("RUST_LOG", "host_service=info")
+            .spawn()
+            .expect("start the host-service binary");
+        Self { child }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal");
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait(mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "the service did not exit in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Host {
+    /// Points the test's HTTP client at a service binary listening on `port`; the binary's
+    /// certificate is self-signed and unknown to the test, as it is to the scaling-service.
+    pub fn use_binary_at(&mut self, port: u16, ops_port: u16) {
+        self.http = Some(
+            reqwest::Client::builder()
+                .danger_accept_invalid_certs(true)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+        );
+        self.transport_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        self.ops_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], ops_port)));
+    }
+}
