@@ -2,7 +2,7 @@
 CARGO ?= cargo
 STACK := $(CARGO) run --quiet -p whist-test-support --bin stack --
 
-.PHONY: run stack test check lint fmt bench engine nextest clean
+.PHONY: run stack test check lint fmt bench bench-dbclient bench-host engine nextest clean
 
 ## run: start the local stack (Postgres + GraphQL engine, seeded with a small fleet config) and print its URLs
 run: engine
@@ -21,9 +21,17 @@ check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: print the foundation's figures (stack start-up, round trips, claims/s, live-query latency)
-bench: engine
+## bench: print every benchmark's figures (database client, then host-service on Docker)
+bench: bench-dbclient bench-host
+
+## bench-dbclient: stack start-up, round trips, claims/s, live-query latency
+bench-dbclient: engine
 	$(CARGO) run --release -p whist-dbclient --example bench
+
+## bench-host: zygote creation vs bare Docker, assignment latencies, resident memory
+bench-host: engine
+	$(CARGO) build --release -p host-service --bin host-service --example bench
+	./target/release/examples/bench
 
 ## engine: install the Hasura-dialect GraphQL engine once per machine (cached outside the repo)
 engine:

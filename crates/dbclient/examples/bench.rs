@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use whist_dbclient::{ClaimOutcome, HasuraClient, HasuraConfig, LiveOptions, live, ops};
+use whist_test_support::bench::summary;
 use whist_test_support::{Stack, StackInfo, StackOptions};
 use whist_types::{InstanceStatus, MandelboxId, NewInstance, NewMandelbox};
 
@@ -197,20 +198,4 @@ async fn live_latency(client: &HasuraClient, samples: usize) -> anyhow::Result<V
         latencies.push(started.elapsed());
     }
     Ok(latencies)
-}
-
-/// "p50 … p99 … max …" of a sample.
-fn summary(samples: &mut [Duration]) -> String {
-    samples.sort();
-    let at = |quantile: f64| {
-        let index = ((samples.len() as f64 - 1.0) * quantile).round() as usize;
-        samples[index]
-    };
-    format!(
-        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (n = {})",
-        at(0.50).as_secs_f64() * 1e3,
-        at(0.99).as_secs_f64() * 1e3,
-        at(1.0).as_secs_f64() * 1e3,
-        samples.len()
-    )
 }

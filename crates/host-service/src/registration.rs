@@ -153,7 +153,8 @@ mod tests {
 
     #[test]
     fn each_mismatch_is_named() {
-        let cases: [(fn(&mut Instance), &str); 4] = [
+        type Change = fn(&mut Instance);
+        let cases: [(Change, &str); 4] = [
             (|row| row.image_id = "ami-2".into(), "image_id"),
             (|row| row.region = "eu-west-1".into(), "region"),
             (

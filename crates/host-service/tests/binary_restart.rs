@@ -31,14 +31,22 @@ async fn a_killed_service_adopts_its_live_session_and_zygotes_on_restart() {
 
     // No drain, no cleanup: the process is gone and its containers live on.
     first.signal(Signal::SIGKILL);
-    assert_eq!(first.wait(Duration::from_secs(10)).await, None, "killed by a signal");
+    assert_eq!(
+        first.wait(Duration::from_secs(10)).await,
+        None,
+        "killed by a signal"
+    );
     assert_eq!(host.containers().await.len(), 2);
 
     let second = ServiceProcess::spawn(&args);
-    eventually("the restarted service to be ready", Duration::from_secs(30), || async {
-        let ready = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz")).await;
-        ready.is_ok_and(|r| r.status() == 200).then_some(())
-    })
+    eventually(
+        "the restarted service to be ready",
+        Duration::from_secs(30),
+        || async {
+            let ready = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz")).await;
+            ready.is_ok_and(|r| r.status() == 200).then_some(())
+        },
+    )
     .await;
     host.wait_for_boxes(1, 1).await;
     let after: Vec<String> = host.containers().await.into_iter().map(|c| c.id).collect();
@@ -46,17 +54,30 @@ async fn a_killed_service_adopts_its_live_session_and_zygotes_on_restart() {
     sorted_before.sort();
     let mut sorted_after = after.clone();
     sorted_after.sort();
-    assert_eq!(sorted_before, sorted_after, "the same containers, adopted, none added");
-    let row = host.rows().await.into_iter().find(|row| row.id == session).expect("row");
+    assert_eq!(
+        sorted_before, sorted_after,
+        "the same containers, adopted, none added"
+    );
+    let row = host
+        .rows()
+        .await
+        .into_iter()
+        .find(|row| row.id == session)
+        .expect("row");
     assert_eq!(row.status, MandelboxStatus::Running);
     let (status, _) = host.transport(session, &user).await;
-    assert_eq!(status, 409, "the adopted session already has its configuration");
+    assert_eq!(
+        status, 409,
+        "the adopted session already has its configuration"
+    );
 
     // The adopted session ends like any other.
     end_session(&ports);
-    eventually("the adopted session's row to go", Duration::from_secs(30), || async {
-        (!host.rows().await.iter().any(|row| row.id == session)).then_some(())
-    })
+    eventually(
+        "the adopted session's row to go",
+        Duration::from_secs(30),
+        || async { (!host.rows().await.iter().any(|row| row.id == session)).then_some(()) },
+    )
     .await;
     host.wait_for_zygotes(2).await;
     assert_eq!(host.instance().await.expect("row").remaining_capacity, 2);

@@ -13,9 +13,18 @@ use whist_dbclient::ops;
 use whist_types::{InstanceStatus, MandelboxStatus};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_without_sessions_removes_everything() {
-    let mut host = Host::start(HostOptions::default()).await;
+async fn a_drain_without_sessions_removes_everything_then_powers_off() {
+    let mut host = Host::prepare(HostOptions::default()).await;
+    let marker = host.root.join("powered-off");
+    host.options.extra_args = vec![
+        "--power-off-command".into(),
+        format!("touch {}", marker.display()),
+    ];
+    host.launch().await.expect("starts");
+    host.wait_for_zygotes(2).await;
+    assert!(!marker.exists());
     assert_eq!(host.stop().await, Exit::Drained);
+    assert!(marker.exists(), "the power-off command ran after the drain");
     assert!(host.instance().await.is_none());
     assert!(host.rows().await.is_empty());
     assert!(host.containers().await.is_empty());
@@ -65,12 +74,16 @@ async fn a_drain_past_its_deadline_stops_the_sessions() {
     host.start_session(&user).await;
     // A signal starts this drain: the host marks its own row DRAINING first.
     host.running.as_ref().expect("running").shutdown();
-    eventually("the row to be DRAINING", Duration::from_secs(10), || async {
-        host.instance()
-            .await
-            .is_none_or(|row| row.status == InstanceStatus::Draining)
-            .then_some(())
-    })
+    eventually(
+        "the row to be DRAINING",
+        Duration::from_secs(10),
+        || async {
+            host.instance()
+                .await
+                .is_none_or(|row| row.status == InstanceStatus::Draining)
+                .then_some(())
+        },
+    )
     .await;
     assert_eq!(host.exited().await, Exit::DrainForced);
     assert!(host.instance().await.is_none());
@@ -126,7 +139,10 @@ async fn fake_gpus_take_three_mandelboxes_each() {
         let gpu = container.labels[host_service::mandelbox::labels::GPU_INDEX].clone();
         *per_gpu.entry(gpu).or_default() += 1;
         assert!(
-            container.env.iter().any(|e| e.starts_with("NVIDIA_VISIBLE_DEVICES=")),
+            container
+                .env
+                .iter()
+                .any(|e| e.starts_with("NVIDIA_VISIBLE_DEVICES=")),
             "{:?}",
             container.env
         );
@@ -148,7 +164,10 @@ async fn fake_gpus_take_three_mandelboxes_each() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(host.rows().await.len(), 3);
     let (_, metrics) = host.get_ops("/metrics").await;
-    assert!(metrics.contains("whist_host_errors_total{kind=\"resources\"}"), "{metrics}");
+    assert!(
+        metrics.contains("whist_host_errors_total{kind=\"resources\"}"),
+        "{metrics}"
+    );
     assert_eq!(host.stop().await, Exit::Drained);
 }
 
@@ -165,7 +184,10 @@ async fn identity_comes_from_the_metadata_service_outside_local_mode() {
         ("ami-id".to_owned(), common::IMAGE_ID.to_owned()),
         ("placement/region".to_owned(), host.region.clone()),
         ("public-ipv4".to_owned(), "127.0.0.9".to_owned()),
-        ("tags/instance/Name".to_owned(), "host-under-test".to_owned()),
+        (
+            "tags/instance/Name".to_owned(),
+            "host-under-test".to_owned(),
+        ),
     ]))
     .await;
     // The same configuration as the other tests, but the identity comes from IMDS.
@@ -233,9 +255,11 @@ async fn a_session_survives_the_engine_restarting_and_ends_cleanly_after() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     engine.restart().expect("engine restarts");
 
-    eventually("the session's row to go after the restart", Duration::from_secs(60), || async {
-        (!host.rows().await.iter().any(|row| row.id == id)).then_some(())
-    })
+    eventually(
+        "the session's row to go after the restart",
+        Duration::from_secs(60),
+        || async { (!host.rows().await.iter().any(|row| row.id == id)).then_some(()) },
+    )
     .await;
     host.wait_for_zygotes(2).await;
     assert_eq!(host.instance().await.expect("row").remaining_capacity, 2);

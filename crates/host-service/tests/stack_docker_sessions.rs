@@ -14,7 +14,10 @@ async fn a_full_session_from_zygote_to_replacement() {
 
     let instance = host.instance().await.expect("row");
     assert_eq!(instance.status, InstanceStatus::Active);
-    assert_eq!(instance.ip().map(|ip| ip.to_string()), Some("127.0.0.1".into()));
+    assert_eq!(
+        instance.ip().map(|ip| ip.to_string()),
+        Some("127.0.0.1".into())
+    );
     assert_eq!(instance.client_sha, "local-test-build");
 
     // Each zygote got its parameters before it started, and answers on its ports.
@@ -26,7 +29,13 @@ async fn a_full_session_from_zygote_to_replacement() {
             .join("whist")
             .join(id)
             .join("mandelboxResourceMappings");
-        for file in ["hostPort_for_my_32262_tcp", "tty", "gpu_index", "timeout", ".paramsReady"] {
+        for file in [
+            "hostPort_for_my_32262_tcp",
+            "tty",
+            "gpu_index",
+            "timeout",
+            ".paramsReady",
+        ] {
             assert!(dir.join(file).exists(), "{file} missing for {id}");
         }
         assert!(!dir.join("config.json").exists());
@@ -35,7 +44,11 @@ async fn a_full_session_from_zygote_to_replacement() {
     let user = common::unique("user");
     let (id, ports) = host.start_session(&user).await;
     assert!(zygotes.contains(&id));
-    let dir = host.root.join("whist").join(id.to_string()).join("mandelboxResourceMappings");
+    let dir = host
+        .root
+        .join("whist")
+        .join(id.to_string())
+        .join("mandelboxResourceMappings");
     let config = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
     assert!(config.contains("Europe/Paris"));
     assert_eq!(
@@ -54,8 +67,10 @@ async fn a_full_session_from_zygote_to_replacement() {
         assert!(reply.contains("session=1700000000000"), "{reply}");
     }
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-    udp.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    udp.send_to(b"ping", ("127.0.0.1", ports.port_32263)).expect("send");
+    udp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    udp.send_to(b"ping", ("127.0.0.1", ports.port_32263))
+        .expect("send");
     let mut buffer = [0u8; 64];
     let (length, _) = udp.recv_from(&mut buffer).expect("udp echo");
     assert_eq!(&buffer[..length], b"whist:ping");
@@ -66,9 +81,11 @@ async fn a_full_session_from_zygote_to_replacement() {
 
     // The session ends: the row goes, the capacity comes back, the container is removed.
     end_session(&ports);
-    eventually("the session's row to go", Duration::from_secs(30), || async {
-        (!host.rows().await.iter().any(|row| row.id == id)).then_some(())
-    })
+    eventually(
+        "the session's row to go",
+        Duration::from_secs(30),
+        || async { (!host.rows().await.iter().any(|row| row.id == id)).then_some(()) },
+    )
     .await;
     let zygotes_after = host.wait_for_zygotes(2).await;
     assert!(!zygotes_after.contains(&id));
@@ -76,7 +93,10 @@ async fn a_full_session_from_zygote_to_replacement() {
     assert!(!dir.exists(), "the box's resource directory is removed");
 
     assert_eq!(host.stop().await, host_service::Exit::Drained);
-    assert!(host.instance().await.is_none(), "the instance row is deleted");
+    assert!(
+        host.instance().await.is_none(),
+        "the instance row is deleted"
+    );
     assert!(host.containers().await.is_empty(), "no container is left");
     assert!(host.rows().await.is_empty());
 }
@@ -109,10 +129,14 @@ async fn a_killed_container_is_cleaned_up_and_replaced() {
             .expect("docker kill");
         assert!(status.success());
     }
-    eventually("both killed boxes to be gone", Duration::from_secs(30), || async {
-        let rows = host.rows().await;
-        (!rows.iter().any(|row| row.id == zygote || row.id == session)).then_some(())
-    })
+    eventually(
+        "both killed boxes to be gone",
+        Duration::from_secs(30),
+        || async {
+            let rows = host.rows().await;
+            (!rows.iter().any(|row| row.id == zygote || row.id == session)).then_some(())
+        },
+    )
     .await;
     host.wait_for_zygotes(2).await;
     assert_eq!(host.instance().await.expect("row").remaining_capacity, 2);
@@ -133,7 +157,13 @@ async fn health_readiness_and_metrics_are_served() {
     .await;
     let (status, metrics) = host.get_ops("/metrics").await;
     assert_eq!(status, 200);
-    assert!(metrics.contains("whist_host_mandelboxes{phase=\"waiting\"} 1"), "{metrics}");
-    assert!(metrics.contains("whist_host_zygote_spinup_seconds_count 1"), "{metrics}");
+    assert!(
+        metrics.contains("whist_host_mandelboxes{phase=\"waiting\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("whist_host_zygote_spinup_seconds_count 1"),
+        "{metrics}"
+    );
     assert_eq!(host.stop().await, host_service::Exit::Drained);
 }

@@ -20,8 +20,10 @@ async fn bad_requests_get_clear_answers_and_leave_sessions_alone() {
     let owner = common::unique("owner");
     let (running, ports) = host.start_session(&owner).await;
     let claimed = host.claim(&owner).await;
-    host.wait_for_status(claimed, MandelboxStatus::Connecting).await;
-    let body = |id: MandelboxId| json!({ "mandelbox_id": id.to_string(), "json_data": "{}" }).to_string();
+    host.wait_for_status(claimed, MandelboxStatus::Connecting)
+        .await;
+    let body =
+        |id: MandelboxId| json!({ "mandelbox_id": id.to_string(), "json_data": "{}" }).to_string();
     let token = host.issuer.token(&owner);
 
     // 401: no token, a malformed header, a forged or expired token.
@@ -37,7 +39,10 @@ async fn bad_requests_get_clear_answers_and_leave_sessions_alone() {
         .await;
     assert_eq!(status, 401);
     let (status, _) = host
-        .transport_raw(Some(&host.issuer.hs256_token(&host.issuer.claims(&owner))), body(claimed))
+        .transport_raw(
+            Some(&host.issuer.hs256_token(&host.issuer.claims(&owner))),
+            body(claimed),
+        )
         .await;
     assert_eq!(status, 401);
 
@@ -54,7 +59,9 @@ async fn bad_requests_get_clear_answers_and_leave_sessions_alone() {
     }
 
     // 404: a mandelbox this host does not have.
-    let (status, _) = host.transport_raw(Some(&token), body(MandelboxId::new_random())).await;
+    let (status, _) = host
+        .transport_raw(Some(&token), body(MandelboxId::new_random()))
+        .await;
     assert_eq!(status, 404);
 
     // 403: another user's token, and a zygote nobody was assigned.
@@ -89,10 +96,7 @@ async fn bad_requests_get_clear_answers_and_leave_sessions_alone() {
         .await
         .expect("answer");
     assert_eq!(response.status(), 204);
-    assert_eq!(
-        response.headers()["access-control-allow-origin"],
-        "*"
-    );
+    assert_eq!(response.headers()["access-control-allow-origin"], "*");
 
     // After all that, the owner still gets the claimed box, and the running session still runs.
     let (status, reply) = host.transport(claimed, &owner).await;
@@ -100,12 +104,21 @@ async fn bad_requests_get_clear_answers_and_leave_sessions_alone() {
     let reply = box_request(ports.port_32262, "status").expect("session alive");
     assert!(reply.contains("state=ready"));
     let rows = host.rows().await;
-    assert!(rows.iter().any(|row| row.id == running && row.status == MandelboxStatus::Running));
+    assert!(
+        rows.iter()
+            .any(|row| row.id == running && row.status == MandelboxStatus::Running)
+    );
 
     let (status, metrics) = host.get_ops("/metrics").await;
     assert_eq!(status, 200);
-    assert!(metrics.contains("json_transport_requests_total{status=\"401\"} 4"), "{metrics}");
-    assert_eq!(host.running.as_ref().map(|r| r.agent.status().draining), Some(false));
+    assert!(
+        metrics.contains("json_transport_requests_total{status=\"401\"} 4"),
+        "{metrics}"
+    );
+    assert_eq!(
+        host.running.as_ref().map(|r| r.agent.status().draining),
+        Some(false)
+    );
     assert_eq!(host.stop().await, host_service::Exit::DrainForced);
 }
 
@@ -128,9 +141,11 @@ async fn a_box_that_never_gets_ready_is_answered_504_and_replaced() {
     let token = host.issuer.token(&user);
     let (status, reply) = host.transport_raw(Some(&token), body.to_string()).await;
     assert_eq!(status, 504, "{reply}");
-    eventually("the failed session's row to go", Duration::from_secs(30), || async {
-        (!host.rows().await.iter().any(|row| row.id == id)).then_some(())
-    })
+    eventually(
+        "the failed session's row to go",
+        Duration::from_secs(30),
+        || async { (!host.rows().await.iter().any(|row| row.id == id)).then_some(()) },
+    )
     .await;
     host.wait_for_zygotes(1).await;
     assert_eq!(host.instance().await.expect("row").remaining_capacity, 1);

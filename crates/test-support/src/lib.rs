@@ -7,6 +7,7 @@
 //! used; otherwise one is started for this process and cleaned up by a watchdog when the process
 //! exits, however it exits.
 
+pub mod bench;
 mod engine;
 pub mod jwt;
 pub mod mandelbox_image;

@@ -9,6 +9,7 @@
 //! database, waiting for a box) runs in [`tasks`] and comes back as a [`tasks::Done`].
 
 pub mod adopt;
+mod events;
 pub(crate) mod tasks;
 pub mod transport;
 
@@ -16,13 +17,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use whist_dbclient::{HasuraClient, LiveOptions, Snapshot, Subscription, live};
 use whist_types::{Instance, InstanceStatus, Mandelbox, MandelboxId, MandelboxStatus};
 
+use self::events::DockerEvents;
 use self::tasks::{Context, Done, InputDevices, ResyncView, ZygotePlan};
 use self::transport::{SessionReady, TransportError, TransportRequest};
 use crate::config::Config;
@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::resources::gpus::GpuSlots;
 use crate::resources::ports::PortAllocator;
 use crate::resources::ttys::TtyAllocator;
-use crate::runtime::{ContainerEvent, ContainerRuntime, RuntimeError};
+use crate::runtime::{ContainerEvent, ContainerRuntime};
 
 /// Where one mandelbox is in its life, as this host sees it.
 #[derive(Debug)]
@@ -1100,68 +1100,5 @@ impl Agent {
                 held_user: false,
             },
         );
-    }
-}
-
-/// Docker's event stream, reopened with backoff whenever it ends or fails.
-struct DockerEvents {
-    runtime: Arc<dyn ContainerRuntime>,
-    instance_id: String,
-    stream: Option<BoxStream<'static, Result<ContainerEvent, RuntimeError>>>,
-    retry_at: Option<tokio::time::Instant>,
-    failures: u32,
-    live: bool,
-}
-
-impl DockerEvents {
-    fn new(runtime: Arc<dyn ContainerRuntime>, instance_id: String) -> Self {
-        let mut events = Self {
-            runtime,
-            instance_id,
-            stream: None,
-            retry_at: None,
-            failures: 0,
-            live: false,
-        };
-        events.open();
-        events
-    }
-
-    fn open(&mut self) {
-        self.stream = Some(
-            self.runtime
-                .events((labels::INSTANCE_ID, &self.instance_id)),
-        );
-        self.live = true;
-    }
-
-    /// The next event, or the error that broke the stream (it is reopened on the next call).
-    async fn next(&mut self) -> Result<ContainerEvent, RuntimeError> {
-        loop {
-            if let Some(at) = self.retry_at {
-                tokio::time::sleep_until(at).await;
-                self.retry_at = None;
-                self.open();
-            }
-            let stream = self.stream.as_mut().expect("opened above");
-            let error = match stream.next().await {
-                Some(Ok(event)) => {
-                    self.failures = 0;
-                    return Ok(event);
-                }
-                Some(Err(error)) => error,
-                None => RuntimeError::Refused {
-                    operation: "events",
-                    target: "stream".to_owned(),
-                    message: "the engine closed the event stream".to_owned(),
-                },
-            };
-            self.stream = None;
-            self.live = false;
-            self.failures += 1;
-            let delay = Duration::from_millis(100 << self.failures.min(7));
-            self.retry_at = Some(tokio::time::Instant::now() + delay);
-            return Err(error);
-        }
     }
 }

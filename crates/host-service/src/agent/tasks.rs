@@ -151,18 +151,16 @@ pub(crate) async fn start_zygote(context: Context, mut plan: ZygotePlan) {
     let mut container_id = None;
     let mut input = None;
     let result = async {
+        // The files go in while Docker creates the container; both must be done before start.
         let resources_dir = plan.paths.resources.clone();
         let params = plan.params;
         let logs_dir = plan.paths.logs.clone();
         let sockets_dir = plan.paths.sockets.clone();
-        tokio::task::spawn_blocking(move || {
+        let files = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&logs_dir)?;
             std::fs::create_dir_all(&sockets_dir)?;
             files::write_start_params(&resources_dir, &params)
-        })
-        .await
-        .map_err(|error| format!("write start parameters: {error}"))?
-        .map_err(|error| format!("write start parameters: {error}"))?;
+        });
 
         if let Some(uinput_path) = plan.uinput_path.take() {
             let devices = tokio::task::spawn_blocking(move || UinputDevices::create(&uinput_path))
@@ -205,6 +203,10 @@ pub(crate) async fn start_zygote(context: Context, mut plan: ZygotePlan) {
             .await
             .map_err(|error| format!("create container: {error}"))?;
         container_id = Some(created.clone());
+        files
+            .await
+            .map_err(|error| format!("write start parameters: {error}"))?
+            .map_err(|error| format!("write start parameters: {error}"))?;
         context
             .runtime
             .start(&created)

@@ -285,7 +285,10 @@ impl Host {
 
     pub async fn containers(&self) -> Vec<ContainerInfo> {
         self.docker
-            .list((host_service::mandelbox::labels::INSTANCE_ID, &self.instance_id))
+            .list((
+                host_service::mandelbox::labels::INSTANCE_ID,
+                &self.instance_id,
+            ))
             .await
             .expect("containers")
     }
@@ -329,7 +332,10 @@ impl Host {
     /// Claims a WAITING box of this host for `user`, as the scaling-service's assign does.
     pub async fn claim(&self, user: &str) -> MandelboxId {
         let rows = self.rows().await;
-        for row in rows.iter().filter(|row| row.status == MandelboxStatus::Waiting) {
+        for row in rows
+            .iter()
+            .filter(|row| row.status == MandelboxStatus::Waiting)
+        {
             match self
                 .db
                 .claim_mandelbox(row.id, user, "1700000000000")
@@ -506,7 +512,10 @@ impl ServiceProcess {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "the service did not exit in time");
+            assert!(
+                Instant::now() < deadline,
+                "the service did not exit in time"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

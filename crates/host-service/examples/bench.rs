@@ -1,0 +1,524 @@
+//! host-service benchmarks: prints figures, asserts nothing. Run with `make bench`.
+//!
+//! - zygote creation by the service vs a bare create + start of the same container spec through
+//!   the same Docker client (both sequential), as a ratio;
+//! - from the claim (the ALLOCATED write) to the row turning CONNECTING, and from the box's
+//!   readiness file to the `json_transport` reply;
+//! - resident memory of the service binary, idle and with 10 mandelboxes.
+//!
+//! Needs the Docker engine and the reference mandelbox image (built on first use), and the
+//! release binary next to this example (`make bench` builds both).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use host_service::mandelbox::spec::{BoxIdentity, BoxResources, HostFeatures, container_spec};
+use host_service::mandelbox::{BoxPaths, files, labels};
+use host_service::resources::ports::PortAllocator;
+use host_service::runtime::ContainerRuntime;
+use host_service::runtime::docker::DockerRuntime;
+use whist_dbclient::{ClaimOutcome, HasuraClient, HasuraConfig, ops};
+use whist_test_support::bench::{mean, summary};
+use whist_test_support::jwt::TestIssuer;
+use whist_test_support::{Stack, StackInfo, StackOptions};
+use whist_types::{Environment, InstanceStatus, MandelboxId, MandelboxStatus, NewInstance};
+
+const ROUNDS: usize = 20;
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let stack = Stack::start(&StackOptions::default())?;
+    let db = client_for(stack.info());
+    let image = whist_test_support::reference_mandelbox_image()?;
+    let docker = DockerRuntime::connect(Path::new("/var/run/docker.sock")).await?;
+    let issuer = TestIssuer::start().await?;
+    let root = std::env::temp_dir().join(format!("whist-host-bench-{}", std::process::id()));
+
+    println!("== zygote creation, sequential ({ROUNDS} each)");
+    let bare = bare_create_start(&docker, &image, &root.join("bare")).await?;
+    let host = Bench::start(&stack, &db, &issuer, &image, &root.join("host"), 1).await?;
+    let host_spinups = host.sequential_zygotes(&docker, ROUNDS).await?;
+    println!(
+        "  bare create+start:          {}",
+        summary(&mut bare.clone())
+    );
+    println!(
+        "  host-service zygote:        {}",
+        summary(&mut host_spinups.clone())
+    );
+    println!(
+        "  ratio host / bare (means):  {:.2}  (host adds the resource files and the WAITING row)",
+        mean(&host_spinups).as_secs_f64() / mean(&bare).as_secs_f64()
+    );
+
+    println!("== assignment ({ROUNDS} sessions, one at a time)");
+    let (mut to_connecting, mut ready_to_reply, mut transport_total) =
+        host.sessions(&issuer, ROUNDS).await?;
+    println!(
+        "  ALLOCATED write → CONNECTING:  {}",
+        summary(&mut to_connecting)
+    );
+    println!(
+        "  readiness file → HTTP reply:   {}",
+        summary(&mut ready_to_reply)
+    );
+    println!(
+        "  json_transport round trip:     {}",
+        summary(&mut transport_total)
+    );
+    host.stop(&docker).await?;
+
+    println!("== resident memory of the release binary");
+    let binary = release_binary()?;
+    for capacity in [0, 10] {
+        let rss = Bench::resident_memory(
+            &stack, &db, &issuer, &image, &root, &binary, capacity, &docker,
+        )
+        .await?;
+        println!(
+            "  {capacity:>2} mandelboxes: {:.1} MiB",
+            rss as f64 / 1024.0 / 1024.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+fn client_for(info: &StackInfo) -> HasuraClient {
+    let mut config = HasuraConfig::new(
+        info.graphql_url.parse().expect("url"),
+        Some(info.admin_secret.clone()),
+    );
+    config.websocket_url = Some(info.websocket_url.parse().expect("url"));
+    HasuraClient::new(config)
+}
+
+/// The same container spec the service builds, created and started straight through bollard.
+async fn bare_create_start(
+    docker: &DockerRuntime,
+    image: &str,
+    root: &Path,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut ports = PortAllocator::new(PortAllocator::default_range(), []);
+    let config = host_service::config::MandelboxConfig {
+        image: image.to_owned(),
+        app: "browsers/whistium".to_owned(),
+        memory_bytes: 6_552_550_944,
+        shm_bytes: 2_147_483_648,
+        pids_limit: 4096,
+        protocol_timeout: -1,
+        whist_dir: root.join("whist"),
+        temp_dir: root.join("temp"),
+        uinput_path: "/dev/uinput".into(),
+        apparmor_profile: "mandelbox-apparmor-profile".to_owned(),
+    };
+    let features = HostFeatures::detect();
+    let mut samples = Vec::new();
+    for _ in 0..ROUNDS {
+        let id = MandelboxId::new_random();
+        let paths = BoxPaths::new(&config.whist_dir, &config.temp_dir, id, "bench");
+        let resources = BoxResources {
+            ports: ports.allocate()?,
+            tty: 10,
+            gpu: None,
+            input_devices: Vec::new(),
+        };
+        // The box waits for its parameters; write them first, outside the timing, as a bare
+        // Docker user would have to as well.
+        files::write_start_params(
+            &paths.resources,
+            &files::StartParams {
+                ports: resources.ports,
+                tty: 10,
+                gpu_index: 0,
+                protocol_timeout: -1,
+            },
+        )?;
+        let identity = BoxIdentity {
+            id,
+            instance_id: "bench-bare",
+            server_session_id: "bench",
+            aes_key: "00112233445566778899aabbccddeeff",
+            environment: Environment::Local,
+        };
+        let mut spec = container_spec(&config, &features, &identity, &paths, &resources);
+        spec.labels = BTreeMap::from([(labels::INSTANCE_ID.to_owned(), "bench-bare".to_owned())]);
+        let started = Instant::now();
+        let container = docker.create(&spec).await?;
+        docker.start(&container).await?;
+        samples.push(started.elapsed());
+        docker.remove(&container, Duration::ZERO).await?;
+        ports.release(resources.ports);
+    }
+    Ok(samples)
+}
+
+fn release_binary() -> anyhow::Result<PathBuf> {
+    let example = std::env::current_exe()?;
+    // target/release/examples/bench → target/release/host-service
+    let binary = example
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("host-service"))
+        .context("locate the release binary")?;
+    if !binary.exists() {
+        bail!("{} is missing: run `make bench`", binary.display());
+    }
+    Ok(binary)
+}
+
+/// One host-service under measurement, in process.
+struct Bench {
+    db: HasuraClient,
+    instance_id: String,
+    running: host_service::Running,
+    http: reqwest::Client,
+    root: PathBuf,
+}
+
+impl Bench {
+    async fn start(
+        stack: &Stack,
+        db: &HasuraClient,
+        issuer: &TestIssuer,
+        image: &str,
+        root: &Path,
+        capacity: i32,
+    ) -> anyhow::Result<Self> {
+        let instance_id = insert_instance(db, capacity).await?;
+        let args = args(
+            stack.info(),
+            issuer,
+            image,
+            root,
+            &instance_id,
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+        );
+        let config =
+            <host_service::config::Args as clap::Parser>::try_parse_from(args)?.validate()?;
+        let running = host_service::start(config, Default::default(), Default::default())
+            .await
+            .map_err(|exit| anyhow::anyhow!("start: {exit:?}"))?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_der(&running.certificate_der)?)
+            .build()?;
+        let bench = Self {
+            db: db.clone(),
+            instance_id,
+            running,
+            http,
+            root: root.to_owned(),
+        };
+        bench
+            .wait_rows(|rows| {
+                rows.iter()
+                    .filter(|r| r.status == MandelboxStatus::Waiting)
+                    .count()
+                    == capacity as usize
+            })
+            .await?;
+        Ok(bench)
+    }
+
+    async fn rows(&self) -> anyhow::Result<Vec<whist_types::Mandelbox>> {
+        Ok(self
+            .db
+            .execute(&ops::mandelboxes_on_instance(&self.instance_id))
+            .await?)
+    }
+
+    async fn wait_rows(
+        &self,
+        done: impl Fn(&[whist_types::Mandelbox]) -> bool,
+    ) -> anyhow::Result<Vec<whist_types::Mandelbox>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let rows = self.rows().await?;
+            if done(&rows) {
+                return Ok(rows);
+            }
+            if Instant::now() > deadline {
+                bail!("rows never settled: {rows:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Removes the zygote `rounds` times and reads the service's own spin-up time of each
+    /// replacement from its metrics.
+    async fn sequential_zygotes(
+        &self,
+        docker: &DockerRuntime,
+        rounds: usize,
+    ) -> anyhow::Result<Vec<Duration>> {
+        let mut samples = Vec::new();
+        let mut previous = self.spinup_sum_and_count().await?;
+        for _ in 0..rounds {
+            let containers = docker
+                .list((labels::INSTANCE_ID, &self.instance_id))
+                .await?;
+            let old = self.rows().await?;
+            for container in containers {
+                docker.remove(&container.id, Duration::ZERO).await?;
+            }
+            self.wait_rows(|rows| {
+                rows.len() == 1
+                    && rows[0].status == MandelboxStatus::Waiting
+                    && !old.iter().any(|o| o.id == rows[0].id)
+            })
+            .await?;
+            let now = self.spinup_sum_and_count().await?;
+            if now.1 > previous.1 {
+                samples.push(Duration::from_secs_f64(
+                    (now.0 - previous.0) / (now.1 - previous.1),
+                ));
+            }
+            previous = now;
+        }
+        Ok(samples)
+    }
+
+    async fn spinup_sum_and_count(&self) -> anyhow::Result<(f64, f64)> {
+        let text = reqwest::get(format!("http://{}/metrics", self.running.ops_addr))
+            .await?
+            .text()
+            .await?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Ok((
+            value("whist_host_zygote_spinup_seconds_sum "),
+            value("whist_host_zygote_spinup_seconds_count "),
+        ))
+    }
+
+    /// Full sessions one at a time: claim → CONNECTING, json_transport → reply, end.
+    async fn sessions(
+        &self,
+        issuer: &TestIssuer,
+        rounds: usize,
+    ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Vec<Duration>)> {
+        let (mut to_connecting, mut ready_to_reply, mut totals) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let rows = self
+                .wait_rows(|rows| rows.len() == 1 && rows[0].status == MandelboxStatus::Waiting)
+                .await?;
+            let id = rows[0].id;
+            let user = format!("bench-user-{round}");
+            let claimed_at = Instant::now();
+            match self.db.claim_mandelbox(id, &user, "1").await? {
+                ClaimOutcome::Claimed(_) => {}
+                other => bail!("claim: {other:?}"),
+            }
+            let claimed_at = claimed_at + (Instant::now() - claimed_at) / 2;
+            loop {
+                let row = self.db.execute(&ops::mandelbox_by_id(id)).await?;
+                if row.is_some_and(|r| r.status == MandelboxStatus::Connecting) {
+                    to_connecting.push(claimed_at.elapsed());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let sent = Instant::now();
+            let response = self
+                .http
+                .put(format!(
+                    "https://127.0.0.1:{}/json_transport",
+                    self.running.transport_addr.port()
+                ))
+                .bearer_auth(issuer.token(&user))
+                .json(&serde_json::json!({ "mandelbox_id": id.to_string(), "json_data": "{}" }))
+                .send()
+                .await?;
+            let replied = SystemTime::now();
+            totals.push(sent.elapsed());
+            let body: serde_json::Value = response.json().await?;
+            let port = body["result"]["port_32262"]
+                .as_u64()
+                .context("reply has ports")?;
+            let ready_file = self
+                .root
+                .join("whist")
+                .join(id.to_string())
+                .join("mandelboxResourceMappings")
+                .join(files::READY);
+            let written = std::fs::metadata(&ready_file)?.modified()?;
+            ready_to_reply.push(replied.duration_since(written).unwrap_or_default());
+            end_session(port as u16)?;
+            self.wait_rows(|rows| rows.len() == 1 && rows[0].id != id)
+                .await?;
+        }
+        Ok((to_connecting, ready_to_reply, totals))
+    }
+
+    async fn stop(self, docker: &DockerRuntime) -> anyhow::Result<()> {
+        self.running.shutdown();
+        let exit = self.running.wait().await;
+        let left = docker
+            .list((labels::INSTANCE_ID, &self.instance_id))
+            .await?;
+        if exit != host_service::Exit::Drained || !left.is_empty() {
+            bail!("unclean stop: {exit:?}, {} containers left", left.len());
+        }
+        Ok(())
+    }
+
+    /// Runs the release binary with `capacity` zygotes and reads its resident set once they are
+    /// all up and it has idled a few seconds.
+    #[allow(clippy::too_many_arguments)]
+    async fn resident_memory(
+        stack: &Stack,
+        db: &HasuraClient,
+        issuer: &TestIssuer,
+        image: &str,
+        root: &Path,
+        binary: &Path,
+        capacity: i32,
+        docker: &DockerRuntime,
+    ) -> anyhow::Result<u64> {
+        let instance_id = insert_instance(db, capacity).await?;
+        let ops_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let args = args(
+            stack.info(),
+            issuer,
+            image,
+            &root.join(format!("rss-{capacity}")),
+            &instance_id,
+            "127.0.0.1:0",
+            &format!("127.0.0.1:{ops_port}"),
+        );
+        let mut child = std::process::Command::new(binary)
+            .args(&args[1..])
+            .env("RUST_LOG", "warn")
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let rows = db
+                .execute(&ops::mandelboxes_on_instance(&instance_id))
+                .await?;
+            let registered = db
+                .execute(&ops::instance_by_id(&instance_id))
+                .await?
+                .is_some_and(|row| row.status == InstanceStatus::Active);
+            if registered
+                && rows
+                    .iter()
+                    .filter(|r| r.status == MandelboxStatus::Waiting)
+                    .count()
+                    == capacity as usize
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("zygotes never came up");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("VmRSS")?;
+        nix_terminate(child.id());
+        let code = child.wait()?.code();
+        let left = docker.list((labels::INSTANCE_ID, &instance_id)).await?;
+        if code != Some(0) || !left.is_empty() {
+            bail!("unclean exit {code:?}, {} containers left", left.len());
+        }
+        Ok(rss_kib * 1024)
+    }
+}
+
+fn nix_terminate(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+fn end_session(port: u16) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.write_all(b"END\n")?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    Ok(())
+}
+
+async fn insert_instance(db: &HasuraClient, capacity: i32) -> anyhow::Result<String> {
+    let id = format!("i-bench-{}", uuid::Uuid::new_v4().simple());
+    db.execute(&ops::insert_instances(&[NewInstance {
+        id: id.clone(),
+        provider: "AWS".into(),
+        region: "bench".into(),
+        image_id: "ami-bench".into(),
+        client_sha: "local".into(),
+        instance_type: "g4dn.12xlarge".into(),
+        remaining_capacity: capacity,
+        status: InstanceStatus::PreConnection,
+    }]))
+    .await?;
+    Ok(id)
+}
+
+fn args(
+    info: &StackInfo,
+    issuer: &TestIssuer,
+    image: &str,
+    root: &Path,
+    instance_id: &str,
+    listen: &str,
+    ops_listen: &str,
+) -> Vec<String> {
+    [
+        "host-service",
+        "--local",
+        "--instance-id",
+        instance_id,
+        "--instance-type",
+        "g4dn.12xlarge",
+        "--image-id",
+        "ami-bench",
+        "--region",
+        "bench",
+        "--host-commit",
+        "local-bench",
+        "--hasura-url",
+        &info.graphql_url,
+        "--hasura-websocket-url",
+        &info.websocket_url,
+        "--hasura-admin-secret",
+        &info.admin_secret,
+        "--mandelbox-image",
+        image,
+        "--whist-dir",
+        &root.join("whist").to_string_lossy(),
+        "--temp-dir",
+        &root.join("temp").to_string_lossy(),
+        "--listen",
+        listen,
+        "--ops-listen",
+        ops_listen,
+        "--auth-issuer",
+        issuer.issuer().as_str(),
+        "--auth-audience",
+        issuer.audience(),
+        "--stop-grace",
+        "1",
+        "--protocol-timeout",
+        "-1",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect()
+}
