@@ -14,7 +14,9 @@ stack: engine
 
 ## test: format and lint checks, then every test tier against one shared local stack
 test: engine check nextest
-	$(STACK) exec -- $(CARGO) nextest run --workspace --no-fail-fast
+	@# One workspace build, so the stack binary shares the tests' features and nothing rebuilds.
+	$(CARGO) build --workspace --all-targets --quiet
+	$${CARGO_TARGET_DIR:-target}/debug/stack exec -- $(CARGO) nextest run --workspace --no-fail-fast
 
 ## check: formatting and clippy, warnings are errors
 check:
@@ -26,12 +28,12 @@ bench: bench-dbclient bench-host
 
 ## bench-dbclient: stack start-up, round trips, claims/s, live-query latency
 bench-dbclient: engine
-	$(CARGO) run --release -p whist-dbclient --example bench
+	$(CARGO) run --release -p whist-dbclient --example dbclient_bench
 
 ## bench-host: zygote creation vs bare Docker, assignment latencies, resident memory
 bench-host: engine
-	$(CARGO) build --release -p host-service --bin host-service --example bench
-	./target/release/examples/bench
+	$(CARGO) build --release -p host-service --bin host-service --example host_bench
+	./target/release/examples/host_bench
 
 ## engine: install the Hasura-dialect GraphQL engine once per machine (cached outside the repo)
 engine:
