@@ -167,3 +167,77 @@ async fn health_readiness_and_metrics_are_served() {
     );
     assert_eq!(host.stop().await, host_service::Exit::Drained);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_and_repeats_keep_capacity_and_containers_consistent() {
+    let host = std::sync::Arc::new(
+        Host::start(HostOptions {
+            capacity: 4,
+            ..HostOptions::default()
+        })
+        .await,
+    );
+
+    // Four users claim and connect at once; each sends its json_transport five times at once.
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        let host = host.clone();
+        sessions.push(tokio::spawn(async move {
+            let user = common::unique("user");
+            let id = host.claim(&user).await;
+            let attempts: Vec<_> = (0..5)
+                .map(|_| {
+                    let host = host.clone();
+                    let user = user.clone();
+                    tokio::spawn(async move { host.transport(id, &user).await })
+                })
+                .collect();
+            let mut ok = Vec::new();
+            let mut statuses = Vec::new();
+            for attempt in attempts {
+                let (status, body) = attempt.await.expect("join");
+                statuses.push(status.as_u16());
+                if status == 200 {
+                    ok.push(body);
+                }
+            }
+            (id, ok, statuses)
+        }));
+    }
+    let mut all_ports = Vec::new();
+    for session in sessions {
+        let (id, ok, statuses) = session.await.expect("join");
+        assert_eq!(
+            ok.len(),
+            1,
+            "exactly one json_transport wins for {id}: {statuses:?}"
+        );
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 409),
+            "{statuses:?}"
+        );
+        let ports: host_service::resources::HostPorts =
+            serde_json::from_value(ok[0]["result"].clone()).expect("ports");
+        all_ports.push(ports);
+    }
+    let mut distinct: Vec<u16> = all_ports
+        .iter()
+        .flat_map(|p| [p.port_32261, p.port_32262, p.port_32263, p.port_32273])
+        .collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 16, "no two sessions share a host port");
+    host.wait_for_boxes(0, 4).await;
+    assert_eq!(host.instance().await.expect("row").remaining_capacity, 0);
+
+    for ports in &all_ports {
+        end_session(ports);
+    }
+    host.wait_for_zygotes(4).await;
+    assert_eq!(host.instance().await.expect("row").remaining_capacity, 4);
+    let mut host = std::sync::Arc::try_unwrap(host)
+        .ok()
+        .expect("only owner left");
+    assert_eq!(host.stop().await, host_service::Exit::Drained);
+    assert!(host.containers().await.is_empty());
+}
