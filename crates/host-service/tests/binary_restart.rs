@@ -73,12 +73,7 @@ async fn a_killed_service_adopts_its_live_session_and_zygotes_on_restart() {
 
     // The adopted session ends like any other.
     end_session(&ports);
-    eventually(
-        "the adopted session's row to go",
-        Duration::from_secs(30),
-        || async { (!host.rows().await.iter().any(|row| row.id == session)).then_some(()) },
-    )
-    .await;
+    host.wait_for_row_gone(session).await;
     host.wait_for_zygotes(2).await;
     assert_eq!(host.instance().await.expect("row").remaining_capacity, 2);
 

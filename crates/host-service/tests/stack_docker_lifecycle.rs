@@ -255,12 +255,7 @@ async fn a_session_survives_the_engine_restarting_and_ends_cleanly_after() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     engine.restart().expect("engine restarts");
 
-    eventually(
-        "the session's row to go after the restart",
-        Duration::from_secs(60),
-        || async { (!host.rows().await.iter().any(|row| row.id == id)).then_some(()) },
-    )
-    .await;
+    host.wait_for_row_gone(id).await;
     host.wait_for_zygotes(2).await;
     assert_eq!(host.instance().await.expect("row").remaining_capacity, 2);
 

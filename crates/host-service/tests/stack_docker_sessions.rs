@@ -81,12 +81,7 @@ async fn a_full_session_from_zygote_to_replacement() {
 
     // The session ends: the row goes, the capacity comes back, the container is removed.
     end_session(&ports);
-    eventually(
-        "the session's row to go",
-        Duration::from_secs(30),
-        || async { (!host.rows().await.iter().any(|row| row.id == id)).then_some(()) },
-    )
-    .await;
+    host.wait_for_row_gone(id).await;
     let zygotes_after = host.wait_for_zygotes(2).await;
     assert!(!zygotes_after.contains(&id));
     assert_eq!(host.instance().await.expect("row").remaining_capacity, 2);

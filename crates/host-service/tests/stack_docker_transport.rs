@@ -3,9 +3,8 @@
 
 mod common;
 
-use std::time::Duration;
 
-use common::{Host, HostOptions, box_request, eventually};
+use common::{Host, HostOptions, box_request};
 use serde_json::json;
 use whist_types::{MandelboxId, MandelboxStatus};
 
@@ -141,12 +140,7 @@ async fn a_box_that_never_gets_ready_is_answered_504_and_replaced() {
     let token = host.issuer.token(&user);
     let (status, reply) = host.transport_raw(Some(&token), body.to_string()).await;
     assert_eq!(status, 504, "{reply}");
-    eventually(
-        "the failed session's row to go",
-        Duration::from_secs(30),
-        || async { (!host.rows().await.iter().any(|row| row.id == id)).then_some(()) },
-    )
-    .await;
+    host.wait_for_row_gone(id).await;
     host.wait_for_zygotes(1).await;
     assert_eq!(host.instance().await.expect("row").remaining_capacity, 1);
     assert_eq!(host.stop().await, host_service::Exit::Drained);

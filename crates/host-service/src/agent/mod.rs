@@ -826,7 +826,9 @@ impl Agent {
             .boxes
             .iter()
             .filter(|(_, tracked)| {
-                !matches!(tracked.phase, Phase::Creating)
+                // A box that changed phase after the reads began may be newer than the view.
+                tracked.since < view.started
+                    && !matches!(tracked.phase, Phase::Creating)
                     && tracked
                         .container_id
                         .as_deref()

@@ -80,6 +80,8 @@ impl Drop for InputDevices {
 /// A consistent view of this instance's row, its mandelbox rows and its containers.
 #[derive(Debug)]
 pub(crate) struct ResyncView {
+    /// When the reads began: local changes after this are newer than the view.
+    pub started: Instant,
     pub instance: Option<InstanceWithMandelboxes>,
     pub containers: Vec<ContainerInfo>,
 }
@@ -432,6 +434,7 @@ pub(crate) async fn tear_down(context: Context, id: MandelboxId, container_id: O
 /// Reads the instance with its mandelboxes (one consistent query) and this instance's
 /// containers.
 pub(crate) async fn resync(context: Context) {
+    let started = Instant::now();
     let view = async {
         let read = ops::instance_with_mandelboxes(&context.instance_id);
         let instance = context
@@ -444,6 +447,7 @@ pub(crate) async fn resync(context: Context) {
             .await
             .map_err(|error| format!("list containers: {error}"))?;
         Ok(ResyncView {
+            started,
             instance,
             containers,
         })

@@ -349,6 +349,15 @@ impl Host {
         panic!("no WAITING box to claim among {rows:?}");
     }
 
+    pub async fn wait_for_row_gone(&self, id: MandelboxId) {
+        eventually(
+            &format!("{id}'s row to go"),
+            Duration::from_secs(60),
+            || async { (!self.rows().await.iter().any(|row| row.id == id)).then_some(()) },
+        )
+        .await
+    }
+
     pub async fn wait_for_status(&self, id: MandelboxId, status: MandelboxStatus) {
         eventually(
             &format!("{id} to be {status}"),
