@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use common::{Host, HostOptions, box_request};
 use serde_json::json;
 use whist_types::{MandelboxId, MandelboxStatus};

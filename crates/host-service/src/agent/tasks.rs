@@ -26,20 +26,22 @@ pub(crate) enum Done {
         input: Option<InputDevices>,
         took: Duration,
     },
+    /// `container_id` is set when a container was made and could not be removed.
     ZygoteFailed {
         id: MandelboxId,
+        container_id: Option<String>,
         error: String,
     },
     /// ALLOCATED → CONNECTING was attempted; `row` is the updated row when it succeeded.
     Accepted {
         id: MandelboxId,
-        row: Option<Mandelbox>,
+        row: Result<Option<Mandelbox>, String>,
     },
     /// A `json_transport` arrived for a box still WAITING locally: its row as the database has
     /// it now (`None` when it is gone or unreadable).
     RowChecked {
         id: MandelboxId,
-        row: Option<Mandelbox>,
+        row: Result<Option<Mandelbox>, String>,
     },
     /// The session's readiness and RUNNING write finished; the caller has its answer.
     Delivered {
@@ -240,13 +242,18 @@ pub(crate) async fn start_zygote(context: Context, mut plan: ZygotePlan) {
                 tracing::warn!(mandelbox.id = %id, %remove_error, "remove container of failed zygote");
                 context.report(Done::ZygoteFailed {
                     id,
-                    error: format!("{error}; its container {container_id} is still present"),
+                    container_id: Some(container_id),
+                    error,
                 });
                 return;
             }
             drop(input);
             plan.paths.remove();
-            context.report(Done::ZygoteFailed { id, error });
+            context.report(Done::ZygoteFailed {
+                id,
+                container_id: None,
+                error,
+            });
         }
     }
 }
@@ -264,23 +271,23 @@ async fn serve_input_devices(
 
 /// Phase B, first step: the assignment the scaling-service made becomes CONNECTING.
 pub(crate) async fn accept_allocation(context: Context, id: MandelboxId, paths: BoxPaths) {
+    // CONNECTING is accepted as a source too, so a retry after a lost answer still succeeds.
     let operation = ops::transition_mandelbox(
         id,
         &context.instance_id,
-        &[MandelboxStatus::Allocated],
+        &[MandelboxStatus::Allocated, MandelboxStatus::Connecting],
         MandelboxStatus::Connecting,
     );
-    let row = match context
+    let row = context
         .with_retries(5, || context.db.execute(&operation))
         .await
-    {
-        Ok(row) => row,
-        Err(error) => {
-            tracing::warn!(mandelbox.id = %id, %error, "mark mandelbox CONNECTING");
-            None
-        }
-    };
-    if let Some(session_id) = row.as_ref().and_then(|row| row.session_id.clone()) {
+        .map_err(|error| error.to_string());
+    let session_id = row
+        .as_ref()
+        .ok()
+        .and_then(Option::as_ref)
+        .and_then(|row| row.session_id.clone());
+    if let Some(session_id) = session_id {
         let dir = paths.resources.clone();
         let written =
             tokio::task::spawn_blocking(move || files::write_session_id(&dir, &session_id)).await;
@@ -294,13 +301,11 @@ pub(crate) async fn accept_allocation(context: Context, id: MandelboxId, paths: 
 /// Reads one mandelbox row (for a `json_transport` that arrived before the live query).
 pub(crate) async fn check_row(context: Context, id: MandelboxId) {
     let read = ops::mandelbox_by_id(id);
-    let row = match context.with_retries(3, || context.db.execute(&read)).await {
-        Ok(row) => row.filter(|row| row.instance_id == context.instance_id),
-        Err(error) => {
-            tracing::warn!(mandelbox.id = %id, %error, "read mandelbox row");
-            None
-        }
-    };
+    let row = context
+        .with_retries(3, || context.db.execute(&read))
+        .await
+        .map(|row| row.filter(|row| row.instance_id == context.instance_id))
+        .map_err(|error| error.to_string());
     context.report(Done::RowChecked { id, row });
 }
 
@@ -312,6 +317,7 @@ pub(crate) async fn deliver(
     dir: PathBuf,
     ready_timeout: Duration,
     ready: SessionReady,
+    ended: CancellationToken,
 ) {
     let id = request.id;
     let config = request.config.clone();
@@ -326,21 +332,35 @@ pub(crate) async fn deliver(
         context.report(Done::Delivered { id, ok: false });
         return;
     }
-    if !files::wait_for_ready(&dir, ready_timeout).await {
+    let ready_in_time = tokio::select! {
+        ready = files::wait_for_ready(&dir, ready_timeout) => ready,
+        () = ended.cancelled() => {
+            request.answer(Err(TransportError::Gone));
+            context.report(Done::Delivered { id, ok: false });
+            return;
+        }
+    };
+    if !ready_in_time {
         request.answer(Err(TransportError::NotReady(ready_timeout)));
         context.report(Done::Delivered { id, ok: false });
         return;
     }
+    // RUNNING is accepted as a source too, so a retry after a lost answer still succeeds.
     let operation = ops::transition_mandelbox(
         id,
         &context.instance_id,
-        &[MandelboxStatus::Connecting],
+        &[MandelboxStatus::Connecting, MandelboxStatus::Running],
         MandelboxStatus::Running,
     );
     match context
         .with_retries(5, || context.db.execute(&operation))
         .await
     {
+        // The box may have ended while the row was written: never hand out its ports then.
+        Ok(Some(_)) if ended.is_cancelled() => {
+            request.answer(Err(TransportError::Gone));
+            context.report(Done::Delivered { id, ok: false });
+        }
         Ok(Some(_)) => {
             request.answer(Ok(ready));
             context.report(Done::Delivered { id, ok: true });
@@ -475,9 +495,10 @@ pub(crate) async fn mark_draining(context: Context) {
     }
 }
 
-/// The last step of a drain: this instance's row goes away.
+/// The last step of a drain: this instance's row goes away, with any mandelbox row a failed
+/// teardown left behind (no box of this host runs any more).
 pub(crate) async fn delete_instance(context: Context) {
-    let delete = ops::delete_instance(&context.instance_id);
+    let delete = ops::delete_instance_and_mandelboxes(&context.instance_id);
     let result = context
         .with_retries(20, || context.db.execute(&delete))
         .await
