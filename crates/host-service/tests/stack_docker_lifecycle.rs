@@ -265,3 +265,45 @@ async fn a_session_survives_the_engine_restarting_and_ends_cleanly_after() {
     end_session(&second_ports);
     assert_eq!(host.stop().await, Exit::Drained);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_changed_by_the_fleet_are_followed() {
+    let mut host = Host::start(HostOptions {
+        capacity: 3,
+        ..HostOptions::default()
+    })
+    .await;
+    let user = common::unique("user");
+    let (session, _ports) = host.start_session(&user).await;
+    host.wait_for_boxes(2, 1).await;
+
+    // The fleet deletes a live session's row: its container goes, its capacity comes back.
+    host.db
+        .execute(&ops::delete_mandelbox(session))
+        .await
+        .expect("delete")
+        .expect("existed");
+    eventually(
+        "the session's container to go",
+        Duration::from_secs(30),
+        || async {
+            let containers = host.containers().await;
+            (!containers.iter().any(|c| {
+                c.labels[host_service::mandelbox::labels::MANDELBOX_ID] == session.to_string()
+            }))
+            .then_some(())
+        },
+    )
+    .await;
+    host.wait_for_zygotes(3).await;
+
+    // The fleet lowers the free capacity: the surplus zygote is retired at the next resync.
+    whist_test_support::shared()
+        .sql(&format!(
+            "UPDATE whist.instances SET remaining_capacity = 1 WHERE id = '{}'",
+            host.instance_id
+        ))
+        .expect("sql");
+    host.wait_for_zygotes(1).await;
+    assert_eq!(host.stop().await, Exit::Drained);
+}
