@@ -11,7 +11,7 @@ use clap::Parser;
 use url::Url;
 use whist_types::Environment;
 
-use crate::http::auth::JwtConfig;
+use whist_auth::JwtConfig;
 
 /// The commit this binary was built from; registration requires the instance row's `client_sha`
 /// to be a prefix of it. Local builds call themselves `local_dev`, which the seed data matches.

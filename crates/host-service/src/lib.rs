@@ -27,7 +27,7 @@ use whist_dbclient::{HasuraClient, LiveOptions};
 
 use crate::agent::{AgentParts, DrainReport};
 use crate::config::{Config, IdentitySource};
-use crate::http::auth::JwtVerifier;
+use whist_auth::JwtVerifier;
 use crate::http::routes::{AppState, ops_router, transport_router};
 use crate::mandelbox::spec::HostFeatures;
 use crate::metadata::HostIdentity;

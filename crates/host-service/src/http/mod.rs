@@ -1,8 +1,8 @@
 //! The host's HTTP surface: `json_transport` over TLS, health and metrics.
 
-pub mod auth;
 pub mod routes;
 pub mod tls;
 
-pub use auth::{AuthError, Claims, JwtConfig, JwtVerifier, bearer_token};
+pub use whist_auth as auth;
+pub use whist_auth::{AuthError, Claims, JwtConfig, JwtVerifier, bearer_token};
 pub use tls::{SelfSigned, TlsError, self_signed, serve_tls};

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 use whist_types::MandelboxId;
 
-use super::auth::{AuthError, JwtVerifier, bearer_token};
+use whist_auth::{AuthError, JwtVerifier, bearer_token};
 use crate::agent::AgentHandle;
 use crate::agent::transport::{TransportError, TransportRequest};
 use crate::mandelbox::files::{UndecodableClientConfig, decode_client_config};

@@ -1,4 +1,4 @@
-//! JWT verification against a JWKS.
+//! JWT verification against a JWKS, for both services.
 //!
 //! Clients of `json_transport` present an Auth0 access token: an RS256-signed JWT whose `kid`
 //! names one of the tenant's signing keys, published as a JWKS at

@@ -1,0 +1,1 @@
+//! The default algorithm: keep a buffer of free mandelboxes per region.
