@@ -527,3 +527,118 @@ async fn a_wrong_admin_secret_is_access_denied() {
         "{result:?}"
     );
 }
+
+#[tokio::test]
+async fn an_upgrade_is_requested_once_per_region_and_swaps_atomically() {
+    use whist_types::UpgradeStatus;
+    let client = client();
+    let region = unique("region");
+    let deadline = Utc::now() + chrono::Duration::minutes(30);
+    client
+        .execute(&ops::set_image("AWS", &region, "ami-old", "old-sha"))
+        .await
+        .expect("image");
+    let upgrade = client
+        .execute(&ops::request_upgrade(
+            "AWS", &region, "ami-new", "new-sha", deadline,
+        ))
+        .await
+        .expect("request")
+        .expect("inserted");
+    assert_eq!(upgrade.status, UpgradeStatus::Pending);
+    let second = client
+        .execute(&ops::request_upgrade(
+            "AWS",
+            &region,
+            "ami-other",
+            "x",
+            deadline,
+        ))
+        .await;
+    assert!(second.is_err(), "one upgrade in progress per region");
+
+    let not_shielded = client
+        .execute(&ops::swap_to_upgrade(&upgrade))
+        .await
+        .expect("swap");
+    assert_eq!(not_shielded, None, "a PENDING upgrade cannot swap");
+    let current = client
+        .execute(&ops::image("AWS", &region))
+        .await
+        .expect("image")
+        .expect("exists");
+    assert_eq!(current.image_id, "ami-old", "nothing changed");
+
+    let shielded = client
+        .execute(&ops::transition_upgrade(
+            &upgrade,
+            &[UpgradeStatus::Pending],
+            UpgradeStatus::Shielded,
+        ))
+        .await
+        .expect("transition")
+        .expect("was pending");
+    assert_eq!(shielded.status, UpgradeStatus::Shielded);
+    client
+        .execute(&ops::swap_to_upgrade(&shielded))
+        .await
+        .expect("swap")
+        .expect("was shielded");
+    let current = client
+        .execute(&ops::image("AWS", &region))
+        .await
+        .expect("image")
+        .expect("exists");
+    assert_eq!(
+        (current.image_id.as_str(), current.client_sha.as_str()),
+        ("ami-new", "new-sha")
+    );
+    let in_progress = client
+        .execute(&ops::upgrades_in_progress())
+        .await
+        .expect("list");
+    assert!(!in_progress.iter().any(|u| u.region == region));
+}
+
+#[tokio::test]
+async fn a_lease_has_one_holder_until_it_expires() {
+    let client = client();
+    let name = "scaling";
+    // Other tests in this binary do not use the lease; make it free first.
+    whist_test_support::shared()
+        .sql("UPDATE config.leases SET holder = NULL, expires_at = 'epoch' WHERE name = 'scaling'")
+        .expect("reset");
+    let now = Utc::now();
+    let later = now + chrono::Duration::seconds(30);
+    let a = client
+        .execute(&ops::acquire_lease(name, "replica-a", now, later))
+        .await
+        .expect("acquire");
+    assert_eq!(a.and_then(|l| l.holder).as_deref(), Some("replica-a"));
+    let b = client
+        .execute(&ops::acquire_lease(name, "replica-b", now, later))
+        .await
+        .expect("acquire");
+    assert_eq!(b, None, "held by a");
+    let renewed = client
+        .execute(&ops::acquire_lease(name, "replica-a", now, later))
+        .await
+        .expect("renew");
+    assert!(renewed.is_some(), "the holder renews");
+    let after_expiry = later + chrono::Duration::seconds(1);
+    let taken = client
+        .execute(&ops::acquire_lease(
+            name,
+            "replica-b",
+            after_expiry,
+            after_expiry + chrono::Duration::seconds(30),
+        ))
+        .await
+        .expect("take over");
+    assert_eq!(taken.and_then(|l| l.holder).as_deref(), Some("replica-b"));
+    let released = client
+        .execute(&ops::release_lease(name, "replica-b"))
+        .await
+        .expect("release");
+    assert!(released.is_some());
+}

@@ -27,7 +27,6 @@ use whist_dbclient::{HasuraClient, LiveOptions};
 
 use crate::agent::{AgentParts, DrainReport};
 use crate::config::{Config, IdentitySource};
-use whist_auth::JwtVerifier;
 use crate::http::routes::{AppState, ops_router, transport_router};
 use crate::mandelbox::spec::HostFeatures;
 use crate::metadata::HostIdentity;
@@ -38,6 +37,7 @@ use crate::resources::ports::PortAllocator;
 use crate::resources::ttys::TtyAllocator;
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
+use whist_auth::JwtVerifier;
 
 /// How the process ends; each has its own exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@ pub mod image;
 pub mod instance;
 pub mod mandelbox;
 mod status;
+pub mod upgrade;
 
 pub use capacity::{InstanceTypeSpec, capacity_of, instance_type_spec};
 pub use config::{DesktopAppVersion, Environment, FleetSettings, RegionConfig};
@@ -17,3 +18,4 @@ pub use image::Image;
 pub use instance::{Instance, InstanceStatus, InstanceWithMandelboxes, NewInstance, PROVIDER_AWS};
 pub use mandelbox::{Mandelbox, MandelboxId, MandelboxStatus, NewMandelbox};
 pub use status::UnknownStatus;
+pub use upgrade::{ImageUpgrade, Lease, UpgradeStatus};

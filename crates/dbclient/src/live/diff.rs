@@ -39,6 +39,18 @@ impl Keyed for Image {
     }
 }
 
+impl Keyed for whist_types::ImageUpgrade {
+    type Key = (String, String, String);
+
+    fn key(&self) -> (String, String, String) {
+        (
+            self.provider.clone(),
+            self.region.clone(),
+            self.image_id.clone(),
+        )
+    }
+}
+
 impl Keyed for RegionConfig {
     type Key = String;
 

@@ -11,11 +11,13 @@ pub mod config;
 pub mod images;
 pub mod instances;
 pub mod mandelboxes;
+pub mod scaling;
 
 pub use self::config::*;
 pub use self::images::*;
 pub use self::instances::*;
 pub use self::mandelboxes::*;
+pub use self::scaling::*;
 
 /// The columns of `whist.instances`, in table order.
 macro_rules! instance_fields {

@@ -3,6 +3,6 @@
 pub mod routes;
 pub mod tls;
 
+pub use tls::{SelfSigned, TlsError, self_signed, serve_tls};
 pub use whist_auth as auth;
 pub use whist_auth::{AuthError, Claims, JwtConfig, JwtVerifier, bearer_token};
-pub use tls::{SelfSigned, TlsError, self_signed, serve_tls};

@@ -17,11 +17,11 @@ use serde::Deserialize;
 use serde_json::json;
 use whist_types::MandelboxId;
 
-use whist_auth::{AuthError, JwtVerifier, bearer_token};
 use crate::agent::AgentHandle;
 use crate::agent::transport::{TransportError, TransportRequest};
 use crate::mandelbox::files::{UndecodableClientConfig, decode_client_config};
 use crate::metrics::Metrics;
+use whist_auth::{AuthError, JwtVerifier, bearer_token};
 
 /// Browser data can make a client's configuration large; anything past this is refused.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;

@@ -76,8 +76,10 @@ impl HostError {
 /// The narrow interface the executor needs from a cloud.
 pub trait HostHandler: Send + Sync + std::fmt::Debug + 'static {
     /// Launches `count` machines (all or none where the cloud allows); returns them as launched.
-    fn launch<'a>(&'a self, request: &'a LaunchRequest)
-    -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>>;
+    fn launch<'a>(
+        &'a self,
+        request: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>>;
 
     fn terminate<'a>(
         &'a self,

@@ -1,0 +1,3 @@
+DROP TABLE IF EXISTS config.leases;
+DROP TABLE IF EXISTS config.image_upgrades;
+DROP FUNCTION IF EXISTS config.image_upgrades_apply_swap();
