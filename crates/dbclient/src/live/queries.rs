@@ -170,6 +170,22 @@ pub fn desktop_app_version() -> LiveQuery<DesktopAppVersion> {
     )
 }
 
+const UPGRADES_IN_PROGRESS: &str = concat!(
+    "subscription LiveUpgradesInProgress { config_image_upgrades(where: {state: {_in: [\"PENDING\", \"SHIELDED\"]}}, order_by: {region: asc}) { ",
+    crate::ops::scaling::upgrade_fields!(),
+    " } }"
+);
+
+/// Image upgrades still in progress (the scaling-service's shields).
+pub fn upgrades_in_progress() -> LiveQuery<whist_types::ImageUpgrade> {
+    LiveQuery::new(
+        "LiveUpgradesInProgress",
+        UPGRADES_IN_PROGRESS,
+        json!({}),
+        "config_image_upgrades",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,20 +227,4 @@ mod tests {
         );
         assert_eq!(query.variables(), &json!({"instance_id": "i-1"}));
     }
-}
-
-const UPGRADES_IN_PROGRESS: &str = concat!(
-    "subscription LiveUpgradesInProgress { config_image_upgrades(where: {state: {_in: [\"PENDING\", \"SHIELDED\"]}}, order_by: {region: asc}) { ",
-    crate::ops::scaling::upgrade_fields!(),
-    " } }"
-);
-
-/// Image upgrades still in progress (the scaling-service's shields).
-pub fn upgrades_in_progress() -> LiveQuery<whist_types::ImageUpgrade> {
-    LiveQuery::new(
-        "LiveUpgradesInProgress",
-        UPGRADES_IN_PROGRESS,
-        json!({}),
-        "config_image_upgrades",
-    )
 }
