@@ -2,4 +2,10 @@
 //! upgrades machine images without cutting sessions, and assigns users to hosts.
 
 pub mod algorithm;
+pub mod assign;
+pub mod config;
+pub mod fleet;
 pub mod hosts;
+pub mod http;
+pub mod leader;
+pub mod metrics;

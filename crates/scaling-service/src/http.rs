@@ -1,0 +1,384 @@
+//! The HTTP API: `POST /mandelbox/assign`, `PUT /json_transport` (proxied to the host holding the
+//! caller's mandelbox), `/healthz`, `/readyz`, `/metrics`. Every failure maps to its status in
+//! [`ApiError`]'s `IntoResponse`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+use whist_auth::{AuthError, JwtVerifier, bearer_token};
+use whist_dbclient::{HasuraClient, ops};
+use whist_types::MandelboxId;
+
+use crate::assign::{AssignError, AssignRequest, Assigner};
+use crate::fleet::FleetView;
+use crate::metrics::Metrics;
+
+/// The port every host serves `json_transport` on.
+pub const HOST_TRANSPORT_PORT: u16 = 4678;
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub assigner: Assigner,
+    pub fleet: FleetView,
+    pub db: HasuraClient,
+    /// `None` only in local development: callers name themselves in the body.
+    pub verifier: Option<JwtVerifier>,
+    pub metrics: Arc<Metrics>,
+    pub limiter: Arc<RateLimiter>,
+    pub proxy: reqwest::Client,
+    pub leader: watch::Receiver<bool>,
+}
+
+pub fn router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/mandelbox/assign", any(assign))
+        .route("/json_transport", any(json_transport))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// A client for the hosts' `json_transport`: hosts make their certificates themselves at boot,
+/// so there is no authority to check them against; the address comes from our own database.
+pub fn proxy_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .expect("a client with timeouts and no custom roots always builds")
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let live = state.fleet.live();
+    let complete = state.fleet.current().complete;
+    let status = if live && complete {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({ "live_queries": live, "fleet_loaded": complete, "leader": *state.leader.borrow() })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn assign(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let result = match method {
+        Method::OPTIONS => return cors(StatusCode::NO_CONTENT.into_response()),
+        Method::POST => handle_assign(&state, &headers, &body).await,
+        other => Err(ApiError::Method(other, "POST")),
+    };
+    let (outcome, response) = match result {
+        Ok(assignment) => (
+            "assigned",
+            (
+                StatusCode::OK,
+                Json(json!({
+                    "ip": assignment.ip,
+                    "mandelbox_id": assignment.mandelbox_id,
+                    "error": "",
+                })),
+            )
+                .into_response(),
+        ),
+        Err(ApiError::Assign(error)) => (
+            error.code(),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "ip": "",
+                    "mandelbox_id": MandelboxId(uuid::Uuid::nil()),
+                    "error": error.code(),
+                })),
+            )
+                .into_response(),
+        ),
+        Err(error) => ("bad_request", error.into_response()),
+    };
+    state.metrics.assigned(outcome, started.elapsed());
+    cors(response)
+}
+
+async fn handle_assign(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<crate::assign::Assignment, ApiError> {
+    let caller = caller(state, headers).await?;
+    let request: AssignRequest = serde_json::from_slice(body)
+        .map_err(|error| ApiError::Body(format!("malformed body: {error}")))?;
+    let user = match (caller, &request.user_id) {
+        (Some(subject), _) => subject,
+        (None, Some(user)) if !user.trim().is_empty() => user.trim().to_owned(),
+        (None, _) => {
+            return Err(ApiError::Body(
+                "user_id is required when the service runs without token checks".to_owned(),
+            ));
+        }
+    };
+    if !state.limiter.allow(&user) {
+        return Err(ApiError::RateLimited);
+    }
+    state
+        .assigner
+        .assign(&request, &user)
+        .await
+        .map_err(ApiError::Assign)
+}
+
+/// The token's subject, or `None` when tokens are not checked.
+async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match &state.verifier {
+        Some(verifier) => {
+            let token = bearer_token(headers)?;
+            Ok(Some(verifier.verify(token).await?.subject))
+        }
+        None => Ok(None),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct TransportBody {
+    mandelbox_id: String,
+}
+
+async fn json_transport(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let response = match method {
+        Method::OPTIONS => StatusCode::NO_CONTENT.into_response(),
+        Method::PUT => match proxy_transport(&state, &headers, body).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        },
+        other => ApiError::Method(other, "PUT").into_response(),
+    };
+    cors(response)
+}
+
+/// Forwards the caller's `json_transport` to the host of the caller's own mandelbox, and only
+/// there; the host's status and body come back unchanged.
+async fn proxy_transport(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = caller(state, headers).await?;
+    let parsed: TransportBody = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::Body(format!("malformed body: {error}")))?;
+    let id: MandelboxId = parsed
+        .mandelbox_id
+        .trim()
+        .parse()
+        .map_err(|_| ApiError::Body(format!("mandelbox_id {:?} is not a UUID", parsed.mandelbox_id)))?;
+    let mandelbox = state
+        .db
+        .execute(&ops::mandelbox_by_id(id))
+        .await
+        .map_err(|_| ApiError::Unavailable)?
+        .ok_or(ApiError::UnknownMandelbox)?;
+    if let Some(caller) = &caller
+        && mandelbox.user_id.as_deref() != Some(caller.as_str())
+    {
+        return Err(ApiError::NotYours);
+    }
+    let instance = state
+        .db
+        .execute(&ops::instance_by_id(&mandelbox.instance_id))
+        .await
+        .map_err(|_| ApiError::Unavailable)?
+        .ok_or(ApiError::UnknownMandelbox)?;
+    let ip = instance.ip().ok_or(ApiError::UnknownMandelbox)?;
+    let url = format!("https://{ip}:{HOST_TRANSPORT_PORT}/json_transport");
+    let mut request = state
+        .proxy
+        .put(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body);
+    if let Some(authorization) = headers.get(header::AUTHORIZATION) {
+        request = request.header(header::AUTHORIZATION, authorization);
+    }
+    let response = request.send().await.map_err(|error| {
+        if error.is_timeout() {
+            ApiError::HostTimeout
+        } else {
+            ApiError::HostUnreachable
+        }
+    })?;
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+    let bytes = response.bytes().await.map_err(|_| ApiError::HostUnreachable)?;
+    let mut reply = (status, bytes).into_response();
+    if let Some(content_type) = content_type {
+        reply.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    }
+    Ok(reply)
+}
+
+/// Everything that is not a business refusal of an assign.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("method {0} not allowed; use {1}")]
+    Method(Method, &'static str),
+    #[error("{0}")]
+    Body(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("too many requests; slow down")]
+    RateLimited,
+    #[error("no such mandelbox")]
+    UnknownMandelbox,
+    #[error("this mandelbox is not assigned to you")]
+    NotYours,
+    #[error("the database is unavailable; try again")]
+    Unavailable,
+    #[error("the mandelbox's host did not answer")]
+    HostUnreachable,
+    #[error("the mandelbox's host did not answer in time")]
+    HostTimeout,
+    #[error("{}", .0.code())]
+    Assign(AssignError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Self::Method(..) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Body(_) => StatusCode::BAD_REQUEST,
+            Self::Auth(AuthError::JwksUnavailable(_)) | Self::Unavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Auth(_) => StatusCode::UNAUTHORIZED,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::UnknownMandelbox => StatusCode::NOT_FOUND,
+            Self::NotYours => StatusCode::FORBIDDEN,
+            Self::HostUnreachable => StatusCode::BAD_GATEWAY,
+            Self::HostTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Assign(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        match &self {
+            Self::Method(_, allowed) => {
+                let allow = if *allowed == "POST" { "POST, OPTIONS" } else { "PUT, OPTIONS" };
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            Self::RateLimited => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::Auth(_) if status == StatusCode::UNAUTHORIZED => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+fn cors(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Origin, Accept, Content-Type, Authorization, X-Requested-With"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, PUT, OPTIONS"),
+    );
+    response
+}
+
+/// A token bucket per user: `burst` requests at once, refilled at `per_second`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        Self {
+            per_second,
+            burst: f64::from(burst),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token from `user`'s bucket; `false` when it is empty.
+    pub fn allow(&self, user: &str) -> bool {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if buckets.len() > 100_000 {
+            // Full buckets carry no information; dropping them bounds memory under a flood of ids.
+            let (per_second, burst) = (self.per_second, self.burst);
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * per_second < burst
+            });
+        }
+        let (tokens, at) = buckets
+            .entry(user.to_owned())
+            .or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_limit_is_per_user() {
+        let limiter = RateLimiter::new(0.0001, 2);
+        assert!(limiter.allow("a"));
+        assert!(limiter.allow("a"));
+        assert!(!limiter.allow("a"), "a's burst is spent");
+        assert!(limiter.allow("b"), "b is not slowed by a");
+    }
+}
