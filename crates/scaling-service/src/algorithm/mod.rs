@@ -6,6 +6,8 @@ pub mod buffer;
 use chrono::{DateTime, Utc};
 use whist_types::InstanceStatus;
 
+pub use self::buffer::BufferAlgorithm;
+
 /// Decides what one region needs now. Implementations are pure and synchronous.
 pub trait ScalingAlgorithm: Send + Sync + std::fmt::Debug {
     fn decide(&self, snapshot: &RegionSnapshot, now: DateTime<Utc>) -> Vec<Action>;
