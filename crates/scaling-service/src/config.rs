@@ -64,6 +64,16 @@ pub struct Args {
     #[arg(long, env = "WHIST_API_ONLY", default_value_t = false)]
     pub api_only: bool,
 
+    /// Scale only these regions (comma-separated); all regions when empty. Lets separate
+    /// controllers own separate sets of regions.
+    #[arg(long, env = "WHIST_MANAGED_REGIONS", value_delimiter = ',')]
+    pub managed_regions: Vec<String>,
+
+    /// The lease row replicas compete for (`config.leases.name`); controllers of different
+    /// region sets use different leases.
+    #[arg(long, env = "WHIST_LEASE_NAME", default_value = "scaling")]
+    pub lease_name: String,
+
     /// This replica's name in the leader lease; defaults to the host name plus a random suffix.
     #[arg(long, env = "WHIST_REPLICA_ID")]
     pub replica_id: Option<String>,
@@ -76,9 +86,10 @@ pub struct Args {
     #[arg(long, env = "WHIST_RESYNC_INTERVAL", default_value_t = 60)]
     pub resync_interval: u64,
 
-    /// Seconds an image upgrade's new hosts get to become ACTIVE before it is rolled back.
-    #[arg(long, env = "WHIST_UPGRADE_DEADLINE", default_value_t = 3600)]
-    pub upgrade_deadline: u64,
+    /// Seconds a launched host may be missing from the cloud's listings or from the database
+    /// before reconciliation records or removes it.
+    #[arg(long, env = "WHIST_RECONCILE_GRACE", default_value_t = 120)]
+    pub reconcile_grace: u64,
 
     /// EC2 API endpoint override (e.g. a local emulator); the SDK's default otherwise.
     #[arg(long, env = "WHIST_EC2_ENDPOINT")]
@@ -113,10 +124,12 @@ pub struct Config {
     pub assign_burst_per_user: u32,
     pub proxy_timeout: Duration,
     pub api_only: bool,
+    pub managed_regions: Vec<String>,
+    pub lease_name: String,
     pub replica_id: String,
     pub lease: Duration,
     pub resync_interval: Duration,
-    pub upgrade_deadline: Duration,
+    pub reconcile_grace: Duration,
     pub ec2_endpoint: Option<String>,
     pub ec2_subnet: Option<String>,
     pub ec2_security_groups: Vec<String>,
@@ -147,7 +160,6 @@ impl Args {
             ("lease-seconds", self.lease_seconds),
             ("resync-interval", self.resync_interval),
             ("proxy-timeout", self.proxy_timeout),
-            ("upgrade-deadline", self.upgrade_deadline),
         ] {
             if value == 0 {
                 return Err(ConfigError::NotPositive(name));
@@ -187,10 +199,12 @@ impl Args {
             assign_burst_per_user: self.assign_burst_per_user,
             proxy_timeout: Duration::from_secs(self.proxy_timeout),
             api_only: self.api_only,
+            managed_regions: self.managed_regions,
+            lease_name: self.lease_name,
             replica_id,
             lease: Duration::from_secs(self.lease_seconds),
             resync_interval: Duration::from_secs(self.resync_interval),
-            upgrade_deadline: Duration::from_secs(self.upgrade_deadline),
+            reconcile_grace: Duration::from_secs(self.reconcile_grace),
             ec2_endpoint: self.ec2_endpoint,
             ec2_subnet: self.ec2_subnet,
             ec2_security_groups: self.ec2_security_groups,

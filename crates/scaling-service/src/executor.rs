@@ -26,10 +26,6 @@ pub mod tags {
     pub const NAME: &str = "Name";
 }
 
-/// How long a launched host may be missing from the cloud's listings (eventual consistency) or
-/// from the database (between launch and insert) before reconciliation acts on it.
-const RECONCILE_GRACE: chrono::Duration = chrono::Duration::minutes(2);
-
 /// What running a region's actions did, for the controller's cooldowns.
 #[derive(Debug, Default, Clone)]
 pub struct Outcome {
@@ -45,6 +41,9 @@ pub struct Executor {
     pub environment: Environment,
     pub user_data: String,
     pub metrics: Arc<Metrics>,
+    /// How long a launched host may be missing from the cloud's listings (eventual consistency)
+    /// or from the database (between launch and insert) before reconciliation acts on it.
+    pub reconcile_grace: chrono::Duration,
 }
 
 impl Executor {
@@ -249,7 +248,7 @@ impl Executor {
             .iter()
             .filter(|host| matches!(host.state, CloudState::Pending | CloudState::Running))
             .filter(|host| !rows.contains(host.id.as_str()))
-            .filter(|host| host.launched_at.is_none_or(|at| now - at > RECONCILE_GRACE))
+            .filter(|host| host.launched_at.is_none_or(|at| now - at > self.reconcile_grace))
             .map(|host| {
                 let client_sha = host.tags.get(tags::CLIENT_SHA).cloned().unwrap_or_default();
                 new_row(host, &client_sha)
@@ -265,7 +264,7 @@ impl Executor {
                 None => true,
                 Some(host) => matches!(host.state, CloudState::Terminated | CloudState::ShuttingDown),
             };
-            if gone && now - instance.created_at > RECONCILE_GRACE {
+            if gone && now - instance.created_at > self.reconcile_grace {
                 tracing::warn!(instance.id = %instance.id, "deleting the row of a host that no longer exists");
                 self.db
                     .execute(&ops::delete_instance_and_mandelboxes(&instance.id))

@@ -13,12 +13,11 @@ use whist_dbclient::{HasuraClient, ops};
 
 use crate::metrics::Metrics;
 
-/// The lease the scaling leader holds.
-pub const SCALING_LEASE: &str = "scaling";
-
-/// Runs the election until `stop`; the receiver says whether this replica leads now.
+/// Runs the election for lease `name` until `stop`; the receiver says whether this replica
+/// leads now.
 pub fn spawn(
     db: HasuraClient,
+    name: String,
     replica: String,
     lease: Duration,
     metrics: Arc<Metrics>,
@@ -30,7 +29,7 @@ pub fn spawn(
         let mut held_until = None;
         loop {
             let now = Utc::now();
-            let operation = ops::acquire_lease(SCALING_LEASE, &replica, now, now + lease_length);
+            let operation = ops::acquire_lease(&name, &replica, now, now + lease_length);
             match db.execute(&operation).await {
                 Ok(Some(lease)) => held_until = Some(lease.expires_at),
                 Ok(None) => held_until = None,
@@ -52,7 +51,7 @@ pub fn spawn(
         if *leading_tx.borrow() {
             leading_tx.send_replace(false);
             metrics.set_leader(false);
-            if let Err(error) = db.execute(&ops::release_lease(SCALING_LEASE, &replica)).await {
+            if let Err(error) = db.execute(&ops::release_lease(&name, &replica)).await {
                 tracing::warn!(%error, "release the leader lease");
             }
         }

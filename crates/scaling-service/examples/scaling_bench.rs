@@ -1,0 +1,396 @@
+//! scaling-service benchmarks: prints figures, asserts nothing. Run with `make bench-scaling`.
+//!
+//! - assignments per second and latency with 32 and 128 concurrent clients (real JWTs, the real
+//!   claim), then a consistency check of the database;
+//! - from the database write that drops a region below its target to the launch call reaching the
+//!   cloud (EC2 API from moto on loopback).
+//!
+//! `decide` alone is measured by `decide_bench`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use scaling_service::config::Args;
+use scaling_service::hosts::ec2::{Ec2Hosts, Ec2Options};
+use scaling_service::hosts::{CloudHost, HostError, HostHandler, LaunchRequest};
+use scaling_service::{Running, StartOptions};
+use whist_dbclient::{HasuraClient, HasuraConfig, ops};
+use whist_test_support::bench::summary;
+use whist_test_support::jwt::TestIssuer;
+use whist_test_support::{Stack, StackInfo, StackOptions};
+use whist_types::{
+    FleetSettings, InstanceStatus, MandelboxId, MandelboxStatus, NewInstance, NewMandelbox,
+    RegionConfig,
+};
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let stack = Stack::start(&StackOptions::default())?;
+    let db = client_for(stack.info());
+    let issuer = Arc::new(TestIssuer::start().await?);
+    let moto = whist_test_support::moto::Moto::start()?;
+    let ec2 = Arc::new(Ec2Hosts::new(Ec2Options {
+        endpoint_url: Some(moto.endpoint()),
+        credentials: Some(("bench".into(), "bench".into())),
+        ..Ec2Options::default()
+    }));
+
+    println!("== assignments (api replica, real JWTs, atomic claims)");
+    let api = start(stack.info(), &issuer, ec2.clone(), &["--api-only", "--assign-burst-per-user", "1000000"], None).await?;
+    for clients in [32usize, 128] {
+        let region = format!("bench-assign-{clients}");
+        let boxes = fleet(&db, &region, 200, 12).await?;
+        wait_loaded(&api, &region, boxes.len()).await;
+        let report = assign_load(&api, &issuer, &region, clients, boxes.len()).await?;
+        println!("  {clients:>3} clients: {report}");
+        println!("      {}", consistency(&db, &region, report.assigned).await?);
+    }
+    api.shutdown();
+    api.wait().await;
+
+    println!("== database event → launch call");
+    let recorder = Arc::new(Recording {
+        inner: ec2.clone(),
+        calls: Mutex::new(Vec::new()),
+    });
+    let region = "us-east-1";
+    let settings = FleetSettings {
+        mandelbox_limit_per_user: 3,
+        scale_up_cooldown_seconds: 0,
+        scale_down_cooldown_seconds: 3600,
+        scale_down_delay_seconds: 3600,
+        heartbeat_timeout_seconds: 3600,
+        instance_ready_timeout_seconds: 3600,
+    };
+    let leader = start(
+        stack.info(),
+        &issuer,
+        recorder.clone(),
+        &["--managed-regions", region, "--lease-seconds", "3"],
+        Some(settings),
+    )
+    .await?;
+    let mut samples = Vec::new();
+    for round in 0..10 {
+        // A region exactly at its target of 2, on one registered host.
+        let name = region.to_owned();
+        reset_region(stack.info(), &name)?;
+        let boxes = fleet_with_target(&db, &name, 2).await?;
+        wait_loaded(&leader, &name, boxes.len()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = recorder.calls.lock().map(|c| c.len()).unwrap_or(0);
+        let written = Instant::now();
+        db.claim_mandelbox(boxes[0], &format!("bench-{round}"), "1").await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let call = recorder.calls.lock().ok().and_then(|c| c.get(before).copied());
+            if let Some(at) = call {
+                samples.push(at.duration_since(written));
+                break;
+            }
+            if Instant::now() > deadline {
+                println!("  round {round}: no launch within 10 s");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!("  claim committed → RunInstances called: {}", summary(&mut samples));
+    leader.shutdown();
+    leader.wait().await;
+    Ok(())
+}
+
+fn client_for(info: &StackInfo) -> HasuraClient {
+    let mut config = HasuraConfig::new(
+        info.graphql_url.parse().expect("url"),
+        Some(info.admin_secret.clone()),
+    );
+    config.websocket_url = Some(info.websocket_url.parse().expect("url"));
+    HasuraClient::new(config)
+}
+
+async fn start(
+    info: &StackInfo,
+    issuer: &TestIssuer,
+    hosts: Arc<dyn HostHandler>,
+    extra: &[&str],
+    settings: Option<FleetSettings>,
+) -> anyhow::Result<Running> {
+    let mut args: Vec<String> = [
+        "scaling-service",
+        "--environment",
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--hasura-url",
+        &info.graphql_url,
+        "--hasura-websocket-url",
+        &info.websocket_url,
+        "--hasura-admin-secret",
+        &info.admin_secret,
+        "--auth-issuer",
+        issuer.issuer().as_str(),
+        "--auth-audience",
+        issuer.audience(),
+        "--reconcile-grace",
+        "3600",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let config = <Args as clap::Parser>::try_parse_from(args)?.validate()?;
+    let running = scaling_service::start(
+        config,
+        hosts,
+        StartOptions {
+            settings,
+            ..StartOptions::default()
+        },
+        Default::default(),
+    )
+    .await?;
+    running.fleet.wait_complete(Duration::from_secs(20)).await;
+    Ok(running)
+}
+
+/// `hosts` ACTIVE hosts with `boxes` WAITING mandelboxes each, in a fresh region.
+async fn fleet(
+    db: &HasuraClient,
+    region: &str,
+    hosts: usize,
+    boxes: usize,
+) -> anyhow::Result<Vec<MandelboxId>> {
+    db.execute(&ops::set_region_config(&RegionConfig {
+        region: region.to_owned(),
+        enabled: true,
+        desired_free_mandelboxes: 0,
+        instance_types: vec!["g4dn.12xlarge".into()],
+    }))
+    .await?;
+    db.execute(&ops::set_image("AWS", region, "ami-bench", "bench-sha"))
+        .await?;
+    let instances: Vec<NewInstance> = (0..hosts)
+        .map(|n| NewInstance {
+            id: format!("i-{region}-{n}"),
+            provider: "AWS".into(),
+            region: region.to_owned(),
+            image_id: "ami-bench".into(),
+            client_sha: "bench-sha".into(),
+            instance_type: "g4dn.12xlarge".into(),
+            remaining_capacity: boxes as i32,
+            status: InstanceStatus::Active,
+        })
+        .collect();
+    db.execute(&ops::insert_instances(&instances)).await?;
+    for instance in &instances {
+        db.execute(&ops::register_instance(&instance.id, "127.0.0.1", "bench-sha"))
+            .await?;
+    }
+    let rows: Vec<NewMandelbox> = instances
+        .iter()
+        .flat_map(|i| (0..boxes).map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "WHISTIUM", &i.id)))
+        .collect();
+    for chunk in rows.chunks(500) {
+        db.execute(&ops::insert_mandelboxes(chunk)).await?;
+    }
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+async fn fleet_with_target(db: &HasuraClient, region: &str, target: i32) -> anyhow::Result<Vec<MandelboxId>> {
+    db.execute(&ops::set_region_config(&RegionConfig {
+        region: region.to_owned(),
+        enabled: true,
+        desired_free_mandelboxes: target,
+        instance_types: vec!["g4dn.2xlarge".into()],
+    }))
+    .await?;
+    db.execute(&ops::set_image("AWS", region, "ami-bench", "bench-sha"))
+        .await?;
+    let id = format!("i-{}", uuid::Uuid::new_v4().simple());
+    db.execute(&ops::insert_instances(&[NewInstance {
+        id: id.clone(),
+        provider: "AWS".into(),
+        region: region.to_owned(),
+        image_id: "ami-bench".into(),
+        client_sha: "bench-sha".into(),
+        instance_type: "g4dn.2xlarge".into(),
+        remaining_capacity: target,
+        status: InstanceStatus::PreConnection,
+    }]))
+    .await?;
+    db.execute(&ops::register_instance(&id, "127.0.0.1", "bench-sha")).await?;
+    let rows: Vec<NewMandelbox> = (0..target)
+        .map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "WHISTIUM", &id))
+        .collect();
+    db.execute(&ops::insert_mandelboxes(&rows)).await?;
+    Ok(rows.into_iter().map(|r| r.id).collect())
+}
+
+fn reset_region(info: &StackInfo, region: &str) -> anyhow::Result<()> {
+    info.sql(&format!(
+        "DELETE FROM whist.mandelboxes WHERE instance_id IN (SELECT id FROM whist.instances WHERE region = '{region}');
+         DELETE FROM whist.instances WHERE region = '{region}';"
+    ))?;
+    Ok(())
+}
+
+async fn wait_loaded(running: &Running, region: &str, boxes: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let fleet = running.fleet.current();
+        let waiting: usize = fleet
+            .instances_in(region)
+            .filter_map(|i| fleet.waiting.get(&i.id))
+            .map(Vec::len)
+            .sum();
+        if waiting >= boxes {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct LoadReport {
+    assigned: usize,
+    refused: usize,
+    per_second: f64,
+    latencies: Vec<Duration>,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut latencies = self.latencies.clone();
+        write!(
+            f,
+            "{:.0} assignments/s ({} assigned, {} refused); latency {}",
+            self.per_second,
+            self.assigned,
+            self.refused,
+            summary(&mut latencies)
+        )
+    }
+}
+
+/// `clients` loops, each assigning as fresh users until the region's boxes run out.
+async fn assign_load(
+    running: &Running,
+    issuer: &TestIssuer,
+    region: &str,
+    clients: usize,
+    boxes: usize,
+) -> anyhow::Result<LoadReport> {
+    let url = format!("http://{}/mandelbox/assign", running.addr);
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    // Tokens are made beforehand: signing is the client's cost, not the service's.
+    let tokens: Arc<Vec<String>> = Arc::new((0..boxes + clients).map(|n| issuer.token(&format!("{region}-user-{n}"))).collect());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, url, tokens, next, region) = (http.clone(), url.clone(), tokens.clone(), next.clone(), region.to_owned());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let (mut assigned, mut refused) = (0, 0);
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(token) = tokens.get(n) else { break };
+                    let sent = Instant::now();
+                    let response = http
+                        .post(&url)
+                        .bearer_auth(token)
+                        .json(&serde_json::json!({"regions": [region], "client_commit_hash": "bench-sha"}))
+                        .send()
+                        .await;
+                    latencies.push(sent.elapsed());
+                    match response.map(|r| r.status().as_u16()) {
+                        Ok(200) => assigned += 1,
+                        _ => {
+                            refused += 1;
+                            break;
+                        }
+                    }
+                }
+                (assigned, refused, latencies)
+            })
+        })
+        .collect();
+    let mut report = LoadReport {
+        assigned: 0,
+        refused: 0,
+        per_second: 0.0,
+        latencies: Vec::new(),
+    };
+    for task in tasks {
+        let (assigned, refused, latencies) = task.await?;
+        report.assigned += assigned;
+        report.refused += refused;
+        report.latencies.extend(latencies);
+    }
+    report.per_second = report.assigned as f64 / started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+async fn consistency(db: &HasuraClient, region: &str, assigned: usize) -> anyhow::Result<String> {
+    let instances = db.execute(&ops::instances_in_region(region)).await?;
+    let mut allocated = Vec::new();
+    let mut remaining = 0i64;
+    for instance in &instances {
+        remaining += i64::from(instance.remaining_capacity);
+        for mandelbox in db.execute(&ops::mandelboxes_on_instance(&instance.id)).await? {
+            if mandelbox.status == MandelboxStatus::Allocated {
+                allocated.push(mandelbox.id);
+            }
+        }
+    }
+    let distinct: HashSet<_> = allocated.iter().collect();
+    let total = instances.len() as i64 * 12;
+    let consistent = allocated.len() == assigned
+        && distinct.len() == allocated.len()
+        && remaining == total - assigned as i64;
+    Ok(format!(
+        "consistency: {} ALLOCATED rows for {} answers, {} distinct, remaining capacity {} of {} → {}",
+        allocated.len(),
+        assigned,
+        distinct.len(),
+        remaining,
+        total,
+        if consistent { "consistent" } else { "INCONSISTENT" }
+    ))
+}
+
+/// Delegates to the real EC2 handler and notes when each launch call is made.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<Ec2Hosts>,
+    calls: Mutex<Vec<Instant>>,
+}
+
+impl HostHandler for Recording {
+    fn launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>> {
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.push(Instant::now());
+        }
+        self.inner.launch(request)
+    }
+
+    fn terminate<'a>(&'a self, region: &'a str, ids: &'a [String]) -> BoxFuture<'a, Result<(), HostError>> {
+        self.inner.terminate(region, ids)
+    }
+
+    fn wait_running<'a>(&'a self, region: &'a str, ids: &'a [String], timeout: Duration) -> BoxFuture<'a, Result<(), HostError>> {
+        self.inner.wait_running(region, ids, timeout)
+    }
+
+    fn wait_terminated<'a>(&'a self, region: &'a str, ids: &'a [String], timeout: Duration) -> BoxFuture<'a, Result<(), HostError>> {
+        self.inner.wait_terminated(region, ids, timeout)
+    }
+
+    fn list<'a>(&'a self, region: &'a str, tag: (&'a str, &'a str)) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>> {
+        self.inner.list(region, tag)
+    }
+}
