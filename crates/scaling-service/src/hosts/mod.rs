@@ -6,6 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
+pub mod ec2;
+
 /// Hosts to launch in one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchRequest {
@@ -76,8 +78,10 @@ impl HostError {
 /// The narrow interface the executor needs from a cloud.
 pub trait HostHandler: Send + Sync + std::fmt::Debug + 'static {
     /// Launches `count` machines (all or none where the cloud allows); returns them as launched.
-    fn launch<'a>(&'a self, request: &'a LaunchRequest)
-    -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>>;
+    fn launch<'a>(
+        &'a self,
+        request: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>>;
 
     fn terminate<'a>(
         &'a self,
