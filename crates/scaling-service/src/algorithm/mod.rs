@@ -6,6 +6,7 @@ pub mod buffer;
 use chrono::{DateTime, Utc};
 use whist_types::InstanceStatus;
 
+
 /// Decides what one region needs now. Implementations are pure and synchronous.
 pub trait ScalingAlgorithm: Send + Sync + std::fmt::Debug {
     fn decide(&self, snapshot: &RegionSnapshot, now: DateTime<Utc>) -> Vec<Action>;
@@ -114,10 +115,7 @@ pub enum Action {
         purpose: LaunchPurpose,
     },
     /// ACTIVE → DRAINING, only if the host is still idle when it happens.
-    Drain {
-        instance_id: String,
-        reason: DrainReason,
-    },
+    Drain { instance_id: String, reason: DrainReason },
     /// Terminate the machine and delete its rows.
     Terminate {
         instance_id: String,
