@@ -2,7 +2,7 @@
 CARGO ?= cargo
 STACK := $(CARGO) run --quiet -p whist-test-support --bin stack --
 
-.PHONY: run stack test check lint fmt bench bench-dbclient bench-host engine nextest clean
+.PHONY: run stack test check lint fmt bench bench-dbclient bench-host engine moto nextest clean
 
 ## run: start the local stack (Postgres + GraphQL engine, seeded with a small fleet config) and print its URLs
 run: engine
@@ -13,7 +13,7 @@ stack: engine
 	$(STACK) up
 
 ## test: format and lint checks, then every test tier against one shared local stack
-test: engine check nextest
+test: engine moto check nextest
 	@# One workspace build, so the stack binary shares the tests' features and nothing rebuilds.
 	$(CARGO) build --workspace --all-targets --quiet
 	$${CARGO_TARGET_DIR:-target}/debug/stack exec -- $(CARGO) nextest run --workspace --no-fail-fast
@@ -38,6 +38,10 @@ bench-host: engine
 ## engine: install the Hasura-dialect GraphQL engine once per machine (cached outside the repo)
 engine:
 	@bash scripts/install-postrust.sh >/dev/null
+
+## moto: install moto's server (the local EC2 API for the scaling-service tests) once per machine
+moto:
+	@bash scripts/install-moto.sh >/dev/null
 
 nextest:
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked

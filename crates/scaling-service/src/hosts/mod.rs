@@ -6,6 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
+pub mod ec2;
+
 /// Hosts to launch in one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchRequest {
