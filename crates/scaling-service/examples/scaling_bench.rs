@@ -38,14 +38,24 @@ async fn main() -> anyhow::Result<()> {
     }));
 
     println!("== assignments (api replica, real JWTs, atomic claims)");
-    let api = start(stack.info(), &issuer, ec2.clone(), &["--api-only", "--assign-burst-per-user", "1000000"], None).await?;
+    let api = start(
+        stack.info(),
+        &issuer,
+        ec2.clone(),
+        &["--api-only", "--assign-burst-per-user", "1000000"],
+        None,
+    )
+    .await?;
     for clients in [32usize, 128] {
         let region = format!("bench-assign-{clients}");
         let boxes = fleet(&db, &region, 200, 12).await?;
         wait_loaded(&api, &region, boxes.len()).await;
         let report = assign_load(&api, &issuer, &region, clients, boxes.len()).await?;
         println!("  {clients:>3} clients: {report}");
-        println!("      {}", consistency(&db, &region, report.assigned).await?);
+        println!(
+            "      {}",
+            consistency(&db, &region, report.assigned).await?
+        );
     }
     api.shutdown();
     api.wait().await;
@@ -82,10 +92,15 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = recorder.calls.lock().map(|c| c.len()).unwrap_or(0);
         let written = Instant::now();
-        db.claim_mandelbox(boxes[0], &format!("bench-{round}"), "1").await?;
+        db.claim_mandelbox(boxes[0], &format!("bench-{round}"), "1")
+            .await?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let call = recorder.calls.lock().ok().and_then(|c| c.get(before).copied());
+            let call = recorder
+                .calls
+                .lock()
+                .ok()
+                .and_then(|c| c.get(before).copied());
             if let Some(at) = call {
                 samples.push(at.duration_since(written));
                 break;
@@ -98,7 +113,10 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    println!("  claim committed → RunInstances called: {}", summary(&mut samples));
+    println!(
+        "  claim committed → RunInstances called: {}",
+        summary(&mut samples)
+    );
     leader.shutdown();
     leader.wait().await;
     Ok(())
@@ -188,12 +206,18 @@ async fn fleet(
         .collect();
     db.execute(&ops::insert_instances(&instances)).await?;
     for instance in &instances {
-        db.execute(&ops::register_instance(&instance.id, "127.0.0.1", "bench-sha"))
-            .await?;
+        db.execute(&ops::register_instance(
+            &instance.id,
+            "127.0.0.1",
+            "bench-sha",
+        ))
+        .await?;
     }
     let rows: Vec<NewMandelbox> = instances
         .iter()
-        .flat_map(|i| (0..boxes).map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "WHISTIUM", &i.id)))
+        .flat_map(|i| {
+            (0..boxes).map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "WHISTIUM", &i.id))
+        })
         .collect();
     for chunk in rows.chunks(500) {
         db.execute(&ops::insert_mandelboxes(chunk)).await?;
@@ -201,7 +225,11 @@ async fn fleet(
     Ok(rows.into_iter().map(|r| r.id).collect())
 }
 
-async fn fleet_with_target(db: &HasuraClient, region: &str, target: i32) -> anyhow::Result<Vec<MandelboxId>> {
+async fn fleet_with_target(
+    db: &HasuraClient,
+    region: &str,
+    target: i32,
+) -> anyhow::Result<Vec<MandelboxId>> {
     db.execute(&ops::set_region_config(&RegionConfig {
         region: region.to_owned(),
         enabled: true,
@@ -223,7 +251,8 @@ async fn fleet_with_target(db: &HasuraClient, region: &str, target: i32) -> anyh
         status: InstanceStatus::PreConnection,
     }]))
     .await?;
-    db.execute(&ops::register_instance(&id, "127.0.0.1", "bench-sha")).await?;
+    db.execute(&ops::register_instance(&id, "127.0.0.1", "bench-sha"))
+        .await?;
     let rows: Vec<NewMandelbox> = (0..target)
         .map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "WHISTIUM", &id))
         .collect();
@@ -285,9 +314,15 @@ async fn assign_load(
     boxes: usize,
 ) -> anyhow::Result<LoadReport> {
     let url = format!("http://{}/mandelbox/assign", running.addr);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
     // Tokens are made beforehand: signing is the client's cost, not the service's.
-    let tokens: Arc<Vec<String>> = Arc::new((0..boxes + clients).map(|n| issuer.token(&format!("{region}-user-{n}"))).collect());
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..boxes + clients)
+            .map(|n| issuer.token(&format!("{region}-user-{n}")))
+            .collect(),
+    );
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
@@ -341,7 +376,10 @@ async fn consistency(db: &HasuraClient, region: &str, assigned: usize) -> anyhow
     let mut remaining = 0i64;
     for instance in &instances {
         remaining += i64::from(instance.remaining_capacity);
-        for mandelbox in db.execute(&ops::mandelboxes_on_instance(&instance.id)).await? {
+        for mandelbox in db
+            .execute(&ops::mandelboxes_on_instance(&instance.id))
+            .await?
+        {
             if mandelbox.status == MandelboxStatus::Allocated {
                 allocated.push(mandelbox.id);
             }
@@ -359,7 +397,11 @@ async fn consistency(db: &HasuraClient, region: &str, assigned: usize) -> anyhow
         distinct.len(),
         remaining,
         total,
-        if consistent { "consistent" } else { "INCONSISTENT" }
+        if consistent {
+            "consistent"
+        } else {
+            "INCONSISTENT"
+        }
     ))
 }
 
@@ -371,26 +413,47 @@ struct Recording {
 }
 
 impl HostHandler for Recording {
-    fn launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>> {
+    fn launch<'a>(
+        &'a self,
+        request: &'a LaunchRequest,
+    ) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>> {
         if let Ok(mut calls) = self.calls.lock() {
             calls.push(Instant::now());
         }
         self.inner.launch(request)
     }
 
-    fn terminate<'a>(&'a self, region: &'a str, ids: &'a [String]) -> BoxFuture<'a, Result<(), HostError>> {
+    fn terminate<'a>(
+        &'a self,
+        region: &'a str,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<(), HostError>> {
         self.inner.terminate(region, ids)
     }
 
-    fn wait_running<'a>(&'a self, region: &'a str, ids: &'a [String], timeout: Duration) -> BoxFuture<'a, Result<(), HostError>> {
+    fn wait_running<'a>(
+        &'a self,
+        region: &'a str,
+        ids: &'a [String],
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), HostError>> {
         self.inner.wait_running(region, ids, timeout)
     }
 
-    fn wait_terminated<'a>(&'a self, region: &'a str, ids: &'a [String], timeout: Duration) -> BoxFuture<'a, Result<(), HostError>> {
+    fn wait_terminated<'a>(
+        &'a self,
+        region: &'a str,
+        ids: &'a [String],
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), HostError>> {
         self.inner.wait_terminated(region, ids, timeout)
     }
 
-    fn list<'a>(&'a self, region: &'a str, tag: (&'a str, &'a str)) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>> {
+    fn list<'a>(
+        &'a self,
+        region: &'a str,
+        tag: (&'a str, &'a str),
+    ) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>> {
         self.inner.list(region, tag)
     }
 }

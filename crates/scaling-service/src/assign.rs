@@ -110,7 +110,9 @@ impl Assigner {
             .session_id
             .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
             .to_string();
-        let mut capacity_seen = false;
+        // Capacity that only another client build could use means the client must update;
+        // capacity for this build that is all taken means there is simply none left.
+        let (mut matching_seen, mut mismatching_seen) = (false, false);
         for region in regions {
             let Some(image) = fleet.images.get(region) else {
                 continue;
@@ -122,16 +124,20 @@ impl Assigner {
             } else {
                 request.client_commit_hash.as_str()
             };
-            let candidates = candidates(&fleet, region, &image.image_id);
-            capacity_seen |= !candidates.is_empty();
-            for instance in candidates.into_iter().filter(|i| i.client_sha == commit) {
-                match self.claim_on(&fleet, instance, user, &session_id).await? {
-                    Some(assignment) => return Ok(assignment),
-                    None => continue,
+            let (matching, mismatching): (Vec<&Instance>, Vec<&Instance>) =
+                candidates(&fleet, region, &image.image_id)
+                    .into_iter()
+                    .partition(|instance| instance.client_sha == commit);
+            matching_seen |= !matching.is_empty();
+            mismatching_seen |= !mismatching.is_empty();
+            for instance in matching {
+                if let Some(assignment) = self.claim_on(&fleet, instance, user, &session_id).await?
+                {
+                    return Ok(assignment);
                 }
             }
         }
-        Err(if capacity_seen {
+        Err(if mismatching_seen && !matching_seen {
             AssignError::CommitHashMismatch
         } else {
             AssignError::NoInstanceAvailable
@@ -166,7 +172,9 @@ impl Assigner {
                     }));
                 }
                 Ok(ClaimOutcome::NotWaiting) => continue,
-                Ok(ClaimOutcome::InstanceFull { .. } | ClaimOutcome::InstanceNotAccepting { .. }) => {
+                Ok(
+                    ClaimOutcome::InstanceFull { .. } | ClaimOutcome::InstanceNotAccepting { .. },
+                ) => {
                     self.release(id);
                     return Ok(None);
                 }
@@ -212,7 +220,10 @@ impl Assigner {
 fn enabled_regions<'a>(fleet: &Fleet, requested: &'a [String]) -> Vec<&'a str> {
     let mut regions: Vec<&str> = Vec::new();
     for region in requested {
-        let enabled = fleet.regions.get(region).is_some_and(|config| config.enabled);
+        let enabled = fleet
+            .regions
+            .get(region)
+            .is_some_and(|config| config.enabled);
         if enabled && !regions.contains(&region.as_str()) {
             regions.push(region);
         }
@@ -331,8 +342,17 @@ mod tests {
     fn error_codes_are_the_contract() {
         assert_eq!(AssignError::UserAlreadyActive.code(), "USER_ALREADY_ACTIVE");
         assert_eq!(AssignError::RegionNotEnabled.code(), "REGION_NOT_ENABLED");
-        assert_eq!(AssignError::NoInstanceAvailable.code(), "NO_INSTANCE_AVAILABLE");
-        assert_eq!(AssignError::CommitHashMismatch.code(), "COMMIT_HASH_MISMATCH");
-        assert_eq!(AssignError::ServiceUnavailable.code(), "SERVICE_UNAVAILABLE");
+        assert_eq!(
+            AssignError::NoInstanceAvailable.code(),
+            "NO_INSTANCE_AVAILABLE"
+        );
+        assert_eq!(
+            AssignError::CommitHashMismatch.code(),
+            "COMMIT_HASH_MISMATCH"
+        );
+        assert_eq!(
+            AssignError::ServiceUnavailable.code(),
+            "SERVICE_UNAVAILABLE"
+        );
     }
 }

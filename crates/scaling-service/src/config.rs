@@ -27,7 +27,11 @@ pub struct Args {
     pub port: Option<u16>,
 
     /// Hasura's GraphQL HTTP endpoint.
-    #[arg(long, env = "HASURA_URL", default_value = "http://127.0.0.1:8080/v1/graphql")]
+    #[arg(
+        long,
+        env = "HASURA_URL",
+        default_value = "http://127.0.0.1:8080/v1/graphql"
+    )]
     pub hasura_url: Url,
 
     /// Hasura's websocket endpoint; derived from `--hasura-url` when absent.
@@ -44,7 +48,11 @@ pub struct Args {
     pub auth_issuer: Option<Url>,
 
     /// Audience the clients' JWTs must carry.
-    #[arg(long, env = "WHIST_AUTH_AUDIENCE", default_value = "https://api.fractal.co")]
+    #[arg(
+        long,
+        env = "WHIST_AUTH_AUDIENCE",
+        default_value = "https://api.fractal.co"
+    )]
     pub auth_audience: String,
 
     /// Assign requests one user may make per second (sustained).
@@ -152,7 +160,8 @@ pub enum ConfigError {
 
 /// The boot script of a host when none is configured: start the host-service with the
 /// environment this fleet runs in. The image carries the binary and its unit file.
-const DEFAULT_USER_DATA: &str = "#!/bin/bash\nset -euo pipefail\nsystemctl enable --now host-service.service\n";
+const DEFAULT_USER_DATA: &str =
+    "#!/bin/bash\nset -euo pipefail\nsystemctl enable --now host-service.service\n";
 
 impl Args {
     pub fn validate(self) -> Result<Config, ConfigError> {
@@ -174,21 +183,28 @@ impl Args {
             None => return Err(ConfigError::MissingAuthIssuer),
         };
         let user_data = match &self.user_data_file {
-            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::UserData {
-                path: path.display().to_string(),
-                source,
-            })?,
+            Some(path) => {
+                std::fs::read_to_string(path).map_err(|source| ConfigError::UserData {
+                    path: path.display().to_string(),
+                    source,
+                })?
+            }
             None => DEFAULT_USER_DATA.to_owned(),
         };
         let mut listen = self.listen;
         if let Some(port) = self.port {
             listen.set_port(port);
         }
-        let mut hasura = whist_dbclient::HasuraConfig::new(self.hasura_url, self.hasura_admin_secret);
+        let mut hasura =
+            whist_dbclient::HasuraConfig::new(self.hasura_url, self.hasura_admin_secret);
         hasura.websocket_url = self.hasura_websocket_url;
         let replica_id = self.replica_id.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-            format!("{}-{}", host.trim(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+            format!(
+                "{}-{}",
+                host.trim(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
         });
         Ok(Config {
             environment: self.environment,
@@ -235,7 +251,15 @@ mod tests {
     fn outside_local_an_issuer_is_required() {
         let error = parse(&["--environment", "prod"]).expect_err("no issuer");
         assert!(error.contains("--auth-issuer"));
-        assert!(parse(&["--environment", "prod", "--auth-issuer", "https://a.example/"]).is_ok());
+        assert!(
+            parse(&[
+                "--environment",
+                "prod",
+                "--auth-issuer",
+                "https://a.example/"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

@@ -68,9 +68,12 @@ impl Executor {
                 Action::Drain {
                     instance_id,
                     reason,
-                } => self.drain(fleet, instance_id, *reason).await.map(|drained| {
-                    outcome.drained += u32::from(drained);
-                }),
+                } => self
+                    .drain(fleet, instance_id, *reason)
+                    .await
+                    .map(|drained| {
+                        outcome.drained += u32::from(drained);
+                    }),
                 Action::Terminate {
                     instance_id,
                     reason,
@@ -195,7 +198,12 @@ impl Executor {
         let Some(upgrade) = upgrade_for(fleet, region, image) else {
             return Ok(());
         };
-        if self.db.execute(&ops::swap_to_upgrade(upgrade)).await?.is_some() {
+        if self
+            .db
+            .execute(&ops::swap_to_upgrade(upgrade))
+            .await?
+            .is_some()
+        {
             self.metrics.upgrade(region, "swapped");
             tracing::info!(region, image = %image.image_id, "region swapped to its new image");
         }
@@ -237,7 +245,12 @@ impl Executor {
     /// Makes the cloud and the database agree for `region`: a host of ours the database does not
     /// know is recorded (it was launched and the insert never happened); a row whose machine is
     /// gone is deleted with its mandelboxes.
-    pub async fn reconcile(&self, region: &str, fleet: &Fleet, now: DateTime<Utc>) -> Result<(), ActionError> {
+    pub async fn reconcile(
+        &self,
+        region: &str,
+        fleet: &Fleet,
+        now: DateTime<Utc>,
+    ) -> Result<(), ActionError> {
         let fleet_tag = self.fleet_tag();
         let cloud = with_retries(|| self.hosts.list(region, (tags::FLEET, &fleet_tag))).await?;
         let cloud_by_id: HashMap<&str, &CloudHost> =
@@ -248,21 +261,31 @@ impl Executor {
             .iter()
             .filter(|host| matches!(host.state, CloudState::Pending | CloudState::Running))
             .filter(|host| !rows.contains(host.id.as_str()))
-            .filter(|host| host.launched_at.is_none_or(|at| now - at > self.reconcile_grace))
+            .filter(|host| {
+                host.launched_at
+                    .is_none_or(|at| now - at > self.reconcile_grace)
+            })
             .map(|host| {
                 let client_sha = host.tags.get(tags::CLIENT_SHA).cloned().unwrap_or_default();
                 new_row(host, &client_sha)
             })
             .collect();
         if !unrecorded.is_empty() {
-            tracing::warn!(region, count = unrecorded.len(), "recording hosts launched but never recorded");
+            tracing::warn!(
+                region,
+                count = unrecorded.len(),
+                "recording hosts launched but never recorded"
+            );
             self.db.execute(&ops::insert_instances(&unrecorded)).await?;
         }
 
         for instance in fleet.instances_in(region) {
             let gone = match cloud_by_id.get(instance.id.as_str()) {
                 None => true,
-                Some(host) => matches!(host.state, CloudState::Terminated | CloudState::ShuttingDown),
+                Some(host) => matches!(
+                    host.state,
+                    CloudState::Terminated | CloudState::ShuttingDown
+                ),
             };
             if gone && now - instance.created_at > self.reconcile_grace {
                 tracing::warn!(instance.id = %instance.id, "deleting the row of a host that no longer exists");

@@ -165,7 +165,10 @@ impl FleetView {
 
 fn waiting_by_instance(rows: &[Mandelbox]) -> HashMap<String, Vec<MandelboxId>> {
     let mut waiting: HashMap<String, Vec<MandelboxId>> = HashMap::new();
-    for row in rows.iter().filter(|row| row.status == MandelboxStatus::Waiting) {
+    for row in rows
+        .iter()
+        .filter(|row| row.status == MandelboxStatus::Waiting)
+    {
         waiting
             .entry(row.instance_id.clone())
             .or_default()

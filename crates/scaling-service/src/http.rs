@@ -199,11 +199,12 @@ async fn proxy_transport(
     let caller = caller(state, headers).await?;
     let parsed: TransportBody = serde_json::from_slice(&body)
         .map_err(|error| ApiError::Body(format!("malformed body: {error}")))?;
-    let id: MandelboxId = parsed
-        .mandelbox_id
-        .trim()
-        .parse()
-        .map_err(|_| ApiError::Body(format!("mandelbox_id {:?} is not a UUID", parsed.mandelbox_id)))?;
+    let id: MandelboxId = parsed.mandelbox_id.trim().parse().map_err(|_| {
+        ApiError::Body(format!(
+            "mandelbox_id {:?} is not a UUID",
+            parsed.mandelbox_id
+        ))
+    })?;
     let mandelbox = state
         .db
         .execute(&ops::mandelbox_by_id(id))
@@ -238,12 +239,18 @@ async fn proxy_transport(
             ApiError::HostUnreachable
         }
     })?;
-    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let status =
+        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-    let bytes = response.bytes().await.map_err(|_| ApiError::HostUnreachable)?;
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|_| ApiError::HostUnreachable)?;
     let mut reply = (status, bytes).into_response();
     if let Some(content_type) = content_type {
-        reply.headers_mut().insert(header::CONTENT_TYPE, content_type);
+        reply
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, content_type);
     }
     Ok(reply)
 }
@@ -292,7 +299,11 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
         match &self {
             Self::Method(_, allowed) => {
-                let allow = if *allowed == "POST" { "POST, OPTIONS" } else { "PUT, OPTIONS" };
+                let allow = if *allowed == "POST" {
+                    "POST, OPTIONS"
+                } else {
+                    "PUT, OPTIONS"
+                };
                 response
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -315,7 +326,10 @@ impl IntoResponse for ApiError {
 
 fn cors(mut response: Response) -> Response {
     let headers = response.headers_mut();
-    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static("Origin, Accept, Content-Type, Authorization, X-Requested-With"),
@@ -355,10 +369,9 @@ impl RateLimiter {
                 *tokens + now.duration_since(*at).as_secs_f64() * per_second < burst
             });
         }
-        let (tokens, at) = buckets
-            .entry(user.to_owned())
-            .or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        let (tokens, at) = buckets.entry(user.to_owned()).or_insert((self.burst, now));
+        *tokens =
+            (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;

@@ -106,14 +106,20 @@ pub async fn start(
         metrics: metrics.clone(),
         settings: options.settings.clone(),
     });
-    tokio::spawn(lead_while_elected(controller, leader.clone(), background.clone()));
+    tokio::spawn(lead_while_elected(
+        controller,
+        leader.clone(),
+        background.clone(),
+    ));
 
     let verifier = config
         .auth
         .clone()
         .map(|auth| whist_auth::JwtVerifier::new(auth, reqwest::Client::new()));
     if verifier.is_none() {
-        tracing::warn!("no token issuer configured: callers name themselves (local development only)");
+        tracing::warn!(
+            "no token issuer configured: callers name themselves (local development only)"
+        );
     }
     let state = AppState {
         assigner: Assigner::new(db.clone(), fleet.clone(), config.environment),

@@ -36,7 +36,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("whist_scaling");
         let target = Family::<Labels, Gauge>::default();
-        registry.register("region_target_free", "Desired free mandelboxes per region", target.clone());
+        registry.register(
+            "region_target_free",
+            "Desired free mandelboxes per region",
+            target.clone(),
+        );
         let free = Family::<Labels, Gauge>::default();
         registry.register(
             "region_free",
@@ -53,17 +57,37 @@ impl Metrics {
             assign_latency.clone(),
         );
         let assign_outcomes = Family::<Labels, Counter>::default();
-        registry.register("assign_outcomes", "Assign answers by outcome", assign_outcomes.clone());
+        registry.register(
+            "assign_outcomes",
+            "Assign answers by outcome",
+            assign_outcomes.clone(),
+        );
         let launched = Family::<Labels, Counter>::default();
-        registry.register("hosts_launched", "Hosts launched per region", launched.clone());
+        registry.register(
+            "hosts_launched",
+            "Hosts launched per region",
+            launched.clone(),
+        );
         let terminated = Family::<Labels, Counter>::default();
-        registry.register("hosts_terminated", "Hosts terminated per region and reason", terminated.clone());
+        registry.register(
+            "hosts_terminated",
+            "Hosts terminated per region and reason",
+            terminated.clone(),
+        );
         let errors = Family::<Labels, Counter>::default();
         registry.register("errors", "Errors by kind", errors.clone());
         let upgrades = Family::<Labels, Counter>::default();
-        registry.register("image_upgrades", "Image upgrades per region by outcome", upgrades.clone());
+        registry.register(
+            "image_upgrades",
+            "Image upgrades per region by outcome",
+            upgrades.clone(),
+        );
         let leader = Gauge::default();
-        registry.register("leader", "1 while this replica runs the scaling", leader.clone());
+        registry.register(
+            "leader",
+            "1 while this replica runs the scaling",
+            leader.clone(),
+        );
         Self {
             registry,
             target,
@@ -79,13 +103,22 @@ impl Metrics {
         }
     }
 
-    pub fn region(&self, region: &str, target: u32, free: i64, hosts_by_status: &[(&'static str, i64)]) {
+    pub fn region(
+        &self,
+        region: &str,
+        target: u32,
+        free: i64,
+        hosts_by_status: &[(&'static str, i64)],
+    ) {
         let labels = vec![("region", region.to_owned())];
         self.target.get_or_create(&labels).set(i64::from(target));
         self.free.get_or_create(&labels).set(free);
         for (status, count) in hosts_by_status {
             self.hosts
-                .get_or_create(&vec![("region", region.to_owned()), ("status", (*status).to_owned())])
+                .get_or_create(&vec![
+                    ("region", region.to_owned()),
+                    ("status", (*status).to_owned()),
+                ])
                 .set(*count);
         }
     }
@@ -105,18 +138,26 @@ impl Metrics {
 
     pub fn terminated(&self, region: &str, reason: &str) {
         self.terminated
-            .get_or_create(&vec![("region", region.to_owned()), ("reason", reason.to_owned())])
+            .get_or_create(&vec![
+                ("region", region.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
             .inc();
     }
 
     pub fn upgrade(&self, region: &str, outcome: &str) {
         self.upgrades
-            .get_or_create(&vec![("region", region.to_owned()), ("outcome", outcome.to_owned())])
+            .get_or_create(&vec![
+                ("region", region.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
             .inc();
     }
 
     pub fn error(&self, kind: &str) {
-        self.errors.get_or_create(&vec![("kind", kind.to_owned())]).inc();
+        self.errors
+            .get_or_create(&vec![("kind", kind.to_owned())])
+            .inc();
     }
 
     pub fn set_leader(&self, leader: bool) {

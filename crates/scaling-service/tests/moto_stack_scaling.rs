@@ -37,9 +37,14 @@ async fn region(db: &whist_dbclient::HasuraClient, name: &str, desired: i32) -> 
     }))
     .await
     .expect("config");
-    db.execute(&ops::set_image("AWS", name, &region.image_id, &region.client_sha))
-        .await
-        .expect("image");
+    db.execute(&ops::set_image(
+        "AWS",
+        name,
+        &region.image_id,
+        &region.client_sha,
+    ))
+    .await
+    .expect("image");
     region
 }
 
@@ -54,7 +59,10 @@ async fn instances(db: &whist_dbclient::HasuraClient, region: &str) -> Vec<whist
 }
 
 async fn wait_leader(scaler: &Scaler) {
-    eventually("leadership", PATIENCE, || async { scaler.is_leader().then_some(()) }).await;
+    eventually("leadership", PATIENCE, || async {
+        scaler.is_leader().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,17 +82,31 @@ async fn the_buffer_fills_from_empty_follows_load_and_shrinks_when_it_leaves() {
     .await;
     let cloud = cloud_hosts(name).await;
     assert_eq!(cloud.len(), 2, "one EC2 machine per row: {cloud:?}");
-    assert!(cloud.iter().all(|h| h.image_id == region.image_id && h.tags.contains_key("whist:region")));
+    assert!(
+        cloud
+            .iter()
+            .all(|h| h.image_id == region.image_id && h.tags.contains_key("whist:region"))
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(instances(&db, name).await.len(), 2, "the buffer is full: no more launches");
+    assert_eq!(
+        instances(&db, name).await.len(),
+        2,
+        "the buffer is full: no more launches"
+    );
 
     // Three sessions start: free capacity 1 < 4, so ceil(3 / 2) = 2 more hosts.
-    let hosts: Vec<String> = instances(&db, name).await.into_iter().map(|i| i.id).collect();
+    let hosts: Vec<String> = instances(&db, name)
+        .await
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
     let mut claimed = Vec::new();
     for host in &hosts {
         for mandelbox in common::boxes_on(&db, host).await {
             if claimed.len() < 3 {
-                db.claim_mandelbox(mandelbox.id, &unique("user"), "1").await.expect("claim");
+                db.claim_mandelbox(mandelbox.id, &unique("user"), "1")
+                    .await
+                    .expect("claim");
                 claimed.push(mandelbox.id);
             }
         }
@@ -97,12 +119,19 @@ async fn the_buffer_fills_from_empty_follows_load_and_shrinks_when_it_leaves() {
 
     // The sessions end: free 8 > 4 + 2, so idle hosts drain until one more would cross it.
     for id in claimed {
-        db.execute(&ops::delete_mandelbox(id)).await.expect("end session");
+        db.execute(&ops::delete_mandelbox(id))
+            .await
+            .expect("end session");
     }
-    eventually("the surplus host drained and terminated", PATIENCE, || async {
-        let rows = instances(&db, name).await;
-        (rows.len() == 3 && rows.iter().all(|i| i.status == InstanceStatus::Active)).then_some(())
-    })
+    eventually(
+        "the surplus host drained and terminated",
+        PATIENCE,
+        || async {
+            let rows = instances(&db, name).await;
+            (rows.len() == 3 && rows.iter().all(|i| i.status == InstanceStatus::Active))
+                .then_some(())
+        },
+    )
     .await;
     eventually("its machine terminated", PATIENCE, || async {
         (cloud_hosts(name).await.len() == 3).then_some(())
@@ -132,7 +161,10 @@ async fn a_host_whose_heartbeat_stops_is_reaped_and_replaced() {
     })
     .await;
     let cloud = cloud_hosts(name).await;
-    assert!(!cloud.iter().any(|h| h.id == first), "the dead machine is terminated");
+    assert!(
+        !cloud.iter().any(|h| h.id == first),
+        "the dead machine is terminated"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,8 +209,15 @@ async fn an_image_upgrade_is_shielded_then_swapped_and_survives_a_restart() {
     wait_leader(&scaler).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rows = instances(&db, name).await;
-    assert_eq!(rows.iter().filter(|i| i.image_id == new_image).count(), 1, "{rows:?}");
-    assert!(rows.iter().any(|i| i.id == old_host), "the old host stays until the swap");
+    assert_eq!(
+        rows.iter().filter(|i| i.image_id == new_image).count(),
+        1,
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|i| i.id == old_host),
+        "the old host stays until the swap"
+    );
     let upgrade = db
         .execute(&ops::upgrades_in_progress())
         .await
@@ -229,14 +268,24 @@ async fn an_upgrade_whose_hosts_never_boot_is_rolled_back() {
     eventually("the rollback", PATIENCE, || async {
         let rows = instances(&db, name).await;
         let in_progress = db.execute(&ops::upgrades_in_progress()).await.ok()?;
-        (!rows.iter().any(|i| i.image_id == broken) && !in_progress.iter().any(|u| u.region == name))
-            .then_some(())
+        (!rows.iter().any(|i| i.image_id == broken)
+            && !in_progress.iter().any(|u| u.region == name))
+        .then_some(())
     })
     .await;
-    let image = db.execute(&ops::image("AWS", name)).await.expect("image").expect("row");
+    let image = db
+        .execute(&ops::image("AWS", name))
+        .await
+        .expect("image")
+        .expect("row");
     assert_eq!(image.image_id, region.image_id, "the old image is kept");
     assert!(!cloud_hosts(name).await.iter().any(|h| h.image_id == broken));
-    let metrics = reqwest::get(scaler.url("/metrics")).await.expect("metrics").text().await.expect("text");
+    let metrics = reqwest::get(scaler.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
     assert!(metrics.contains("outcome=\"rolled_back\""), "{metrics}");
 }
 
@@ -264,17 +313,26 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
 
     // Both serve the API regardless.
     for scaler in [&a, &b] {
-        let status = reqwest::get(scaler.url("/healthz")).await.expect("health").status();
+        let status = reqwest::get(scaler.url("/healthz"))
+            .await
+            .expect("health")
+            .status();
         assert_eq!(status, 200);
     }
 
     let a_led = a.is_leader();
     if a_led {
         a.stop().await;
-        eventually("b takes over", PATIENCE, || async { b.is_leader().then_some(()) }).await;
+        eventually("b takes over", PATIENCE, || async {
+            b.is_leader().then_some(())
+        })
+        .await;
     } else {
         drop(b);
-        eventually("a takes over", PATIENCE, || async { a.is_leader().then_some(()) }).await;
+        eventually("a takes over", PATIENCE, || async {
+            a.is_leader().then_some(())
+        })
+        .await;
         a.stop().await;
     }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use common::{Region, Scaler, assign_body, boxes_on, unique};
 use serde_json::json;
-use whist_dbclient::ops;
 use whist_test_support::jwt::TestIssuer;
 use whist_types::MandelboxStatus;
 
@@ -22,18 +21,22 @@ async fn scaler(extra: &[&str]) -> Scaler {
 
 async fn wait_for_fleet(scaler: &Scaler, region: &Region, boxes: usize) {
     let fleet = scaler.running.as_ref().expect("running").fleet.clone();
-    common::eventually("the fleet view to show the boxes", std::time::Duration::from_secs(20), || {
-        let fleet = fleet.current();
-        let name = region.name.clone();
-        async move {
-            let count: usize = fleet
-                .instances_in(&name)
-                .filter_map(|i| fleet.waiting.get(&i.id))
-                .map(Vec::len)
-                .sum();
-            (count >= boxes && fleet.images.contains_key(&name)).then_some(())
-        }
-    })
+    common::eventually(
+        "the fleet view to show the boxes",
+        std::time::Duration::from_secs(20),
+        || {
+            let fleet = fleet.current();
+            let name = region.name.clone();
+            async move {
+                let count: usize = fleet
+                    .instances_in(&name)
+                    .filter_map(|i| fleet.waiting.get(&i.id))
+                    .map(Vec::len)
+                    .sum();
+                (count >= boxes && fleet.images.contains_key(&name)).then_some(())
+            }
+        },
+    )
     .await;
 }
 
@@ -41,14 +44,20 @@ async fn wait_for_fleet(scaler: &Scaler, region: &Region, boxes: usize) {
 async fn five_hundred_requests_for_a_hundred_boxes_give_exactly_a_hundred() {
     let scaler = Arc::new(scaler(&[]).await);
     let region = Region::create(&scaler.db, 0, true).await;
-    let hosts = region.active_hosts(&scaler.db, 10, 10, &region.image_id).await;
+    let hosts = region
+        .active_hosts(&scaler.db, 10, 10, &region.image_id)
+        .await;
     wait_for_fleet(&scaler, &region, 100).await;
 
     let requests: Vec<_> = (0..500)
         .map(|n| {
             let scaler = scaler.clone();
             let body = assign_body(&[&region.name], &region.client_sha);
-            tokio::spawn(async move { scaler.assign_as(&format!("user-{n}-{}", unique("u")), body).await })
+            tokio::spawn(async move {
+                scaler
+                    .assign_as(&format!("user-{n}-{}", unique("u")), body)
+                    .await
+            })
         })
         .collect();
     let mut assigned = Vec::new();
@@ -92,36 +101,64 @@ async fn refusals_carry_their_codes() {
     let scaler = scaler(&[]).await;
     let region = Region::create(&scaler.db, 0, true).await;
     let disabled = Region::create(&scaler.db, 0, false).await;
-    let hosts = region.active_hosts(&scaler.db, 1, 2, &region.image_id).await;
+    let hosts = region
+        .active_hosts(&scaler.db, 1, 2, &region.image_id)
+        .await;
     wait_for_fleet(&scaler, &region, 2).await;
 
     let (status, body) = scaler
-        .assign_as("u1", assign_body(&[&disabled.name, "nowhere"], &region.client_sha))
+        .assign_as(
+            "u1",
+            assign_body(&[&disabled.name, "nowhere"], &region.client_sha),
+        )
         .await;
-    assert_eq!((status, body["error"].as_str()), (503, Some("REGION_NOT_ENABLED")));
-    let (status, body) = scaler.assign_as("u1", assign_body(&[], &region.client_sha)).await;
-    assert_eq!((status, body["error"].as_str()), (503, Some("REGION_NOT_ENABLED")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("REGION_NOT_ENABLED"))
+    );
+    let (status, body) = scaler
+        .assign_as("u1", assign_body(&[], &region.client_sha))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("REGION_NOT_ENABLED"))
+    );
 
     let (status, body) = scaler
         .assign_as("u1", assign_body(&[&region.name], "some-other-commit"))
         .await;
-    assert_eq!((status, body["error"].as_str()), (503, Some("COMMIT_HASH_MISMATCH")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("COMMIT_HASH_MISMATCH"))
+    );
 
     // `local_dev` accepts whatever the region runs; disabled regions are skipped in order.
     let user = unique("user");
     let (status, body) = scaler
-        .assign_as(&user, assign_body(&[&disabled.name, &region.name], "local_dev"))
+        .assign_as(
+            &user,
+            assign_body(&[&disabled.name, &region.name], "local_dev"),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["ip"], "127.0.0.1");
     assert_eq!(body["error"], "");
     let id = body["mandelbox_id"].as_str().expect("id").to_owned();
     let boxes = boxes_on(&scaler.db, &hosts[0]).await;
-    let claimed = boxes.iter().find(|b| b.id.to_string() == id).expect("claimed box");
-    assert_eq!(claimed.user_id.as_deref(), Some(user.as_str()), "the token's subject is the user");
+    let claimed = boxes
+        .iter()
+        .find(|b| b.id.to_string() == id)
+        .expect("claimed box");
+    assert_eq!(
+        claimed.user_id.as_deref(),
+        Some(user.as_str()),
+        "the token's subject is the user"
+    );
 
     // The per-user limit (3, the default) holds.
-    region.active_hosts(&scaler.db, 1, 12, &region.image_id).await;
+    region
+        .active_hosts(&scaler.db, 1, 12, &region.image_id)
+        .await;
     wait_for_fleet(&scaler, &region, 13).await;
     let limited = unique("limited");
     for _ in 0..3 {
@@ -133,22 +170,38 @@ async fn refusals_carry_their_codes() {
     let (status, body) = scaler
         .assign_as(&limited, assign_body(&[&region.name], &region.client_sha))
         .await;
-    assert_eq!((status, body["error"].as_str()), (503, Some("USER_ALREADY_ACTIVE")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("USER_ALREADY_ACTIVE")),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fullest_host_is_chosen_first() {
     let scaler = scaler(&[]).await;
     let region = Region::create(&scaler.db, 0, true).await;
-    let roomy = region.active_hosts(&scaler.db, 1, 12, &region.image_id).await;
-    let snug = region.active_hosts(&scaler.db, 1, 2, &region.image_id).await;
+    let roomy = region
+        .active_hosts(&scaler.db, 1, 12, &region.image_id)
+        .await;
+    let snug = region
+        .active_hosts(&scaler.db, 1, 2, &region.image_id)
+        .await;
     wait_for_fleet(&scaler, &region, 14).await;
     let (status, body) = scaler
-        .assign_as(&unique("u"), assign_body(&[&region.name], &region.client_sha))
+        .assign_as(
+            &unique("u"),
+            assign_body(&[&region.name], &region.client_sha),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let id = body["mandelbox_id"].as_str().expect("id");
-    assert!(boxes_on(&scaler.db, &snug[0]).await.iter().any(|b| b.id.to_string() == id));
+    assert!(
+        boxes_on(&scaler.db, &snug[0])
+            .await
+            .iter()
+            .any(|b| b.id.to_string() == id)
+    );
     assert!(!roomy.is_empty());
 }
 
@@ -161,11 +214,20 @@ async fn bad_requests_are_refused_with_a_message() {
 
     let response = http.get(&url).send().await.expect("answer");
     assert_eq!(response.status(), 405);
-    let response = http.request(reqwest::Method::OPTIONS, &url).send().await.expect("answer");
+    let response = http
+        .request(reqwest::Method::OPTIONS, &url)
+        .send()
+        .await
+        .expect("answer");
     assert_eq!(response.status(), 204);
     assert_eq!(response.headers()["access-control-allow-origin"], "*");
 
-    let response = http.post(&url).json(&json!({"regions": []})).send().await.expect("answer");
+    let response = http
+        .post(&url)
+        .json(&json!({"regions": []}))
+        .send()
+        .await
+        .expect("answer");
     assert_eq!(response.status(), 401, "no token");
     let response = http
         .post(&url)
@@ -177,7 +239,11 @@ async fn bad_requests_are_refused_with_a_message() {
     assert_eq!(response.status(), 401);
 
     let token = scaler.issuer.token("bad-body-user");
-    for body in ["not json", r#"{"regions": "us-east-1"}"#, r#"{"session_id": "x"}"#] {
+    for body in [
+        "not json",
+        r#"{"regions": "us-east-1"}"#,
+        r#"{"session_id": "x"}"#,
+    ] {
         let response = http
             .post(&url)
             .bearer_auth(&token)
@@ -188,7 +254,12 @@ async fn bad_requests_are_refused_with_a_message() {
             .expect("answer");
         assert_eq!(response.status(), 400, "{body}");
         let error: serde_json::Value = response.json().await.expect("json");
-        assert!(error["error"].as_str().is_some_and(|e| e.contains("malformed")), "{error}");
+        assert!(
+            error["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("malformed")),
+            "{error}"
+        );
     }
 
     // The rate limit is per user: a burst of 2, so the next request of the same user waits.
@@ -207,7 +278,9 @@ async fn bad_requests_are_refused_with_a_message() {
 async fn json_transport_reaches_only_the_callers_own_mandelbox() {
     let scaler = scaler(&[]).await;
     let region = Region::create(&scaler.db, 0, true).await;
-    region.active_hosts(&scaler.db, 1, 2, &region.image_id).await;
+    region
+        .active_hosts(&scaler.db, 1, 2, &region.image_id)
+        .await;
     wait_for_fleet(&scaler, &region, 2).await;
     let owner = unique("owner");
     let (status, body) = scaler
@@ -231,13 +304,23 @@ async fn json_transport_reaches_only_the_callers_own_mandelbox() {
                 .as_u16()
         }
     };
-    assert_eq!(put(unique("stranger"), id.clone()).await, 403, "another user's box");
+    assert_eq!(
+        put(unique("stranger"), id.clone()).await,
+        403,
+        "another user's box"
+    );
     assert_eq!(
         put(owner.clone(), uuid::Uuid::new_v4().to_string()).await,
         404,
         "unknown box"
     );
-    let response = scaler.http.put(&url).json(&json!({"mandelbox_id": id})).send().await.expect("answer");
+    let response = scaler
+        .http
+        .put(&url)
+        .json(&json!({"mandelbox_id": id}))
+        .send()
+        .await
+        .expect("answer");
     assert_eq!(response.status(), 401);
     // The owner's request goes to the box's host (127.0.0.1:4678 here), never to the `ip` the
     // body names; nothing listens there in this test, so the proxy says the host is unreachable.

@@ -17,8 +17,7 @@ use tokio_util::sync::CancellationToken;
 use whist_dbclient::{HasuraClient, HasuraConfig, LiveOptions, ops};
 use whist_test_support::jwt::TestIssuer;
 use whist_types::{
-    Instance, InstanceStatus, MandelboxId, MandelboxStatus, NewInstance, NewMandelbox,
-    RegionConfig,
+    Instance, InstanceStatus, MandelboxId, MandelboxStatus, NewInstance, NewMandelbox, RegionConfig,
 };
 
 pub const INSTANCE_TYPE: &str = "g4dn.2xlarge";
@@ -166,7 +165,10 @@ impl Scaler {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.running.as_ref().expect("running").addr)
+        format!(
+            "http://{}{path}",
+            self.running.as_ref().expect("running").addr
+        )
     }
 
     pub async fn assign_as(&self, user: &str, body: Value) -> (u16, Value) {
@@ -244,7 +246,12 @@ impl Region {
                 region: self.name.clone(),
                 image_id: image_id.to_owned(),
                 client_sha: self.client_sha.clone(),
-                instance_type: if boxes_each > 2 { "g4dn.12xlarge" } else { INSTANCE_TYPE }.into(),
+                instance_type: if boxes_each > 2 {
+                    "g4dn.12xlarge"
+                } else {
+                    INSTANCE_TYPE
+                }
+                .into(),
                 remaining_capacity: boxes_each as i32,
                 status: InstanceStatus::PreConnection,
             })
@@ -405,7 +412,10 @@ impl Drop for HostAgents {
 pub async fn cloud_hosts(region: &str) -> Vec<scaling_service::hosts::CloudHost> {
     use scaling_service::hosts::{CloudState, HostHandler};
     ec2()
-        .list(region, (scaling_service::executor::tags::FLEET, "whist-dev"))
+        .list(
+            region,
+            (scaling_service::executor::tags::FLEET, "whist-dev"),
+        )
         .await
         .expect("list")
         .into_iter()
