@@ -336,3 +336,60 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
         a.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_launched_outside_the_database_is_recorded_and_a_vanished_one_forgotten() {
+    use scaling_service::hosts::{HostHandler, LaunchRequest};
+    let name = "us-west-2";
+    let db = common::db();
+    let region = region(&db, name, 0).await;
+    let scaler = Scaler::scaling(issuer().await, &[name], &unique("lease"), "solo").await;
+    wait_leader(&scaler).await;
+
+    // A machine of our fleet whose row was never written (a crash between launch and insert).
+    let ec2 = common::ec2();
+    let launched = ec2
+        .launch(&LaunchRequest {
+            region: name.to_owned(),
+            image_id: region.image_id.clone(),
+            instance_type: common::INSTANCE_TYPE.to_owned(),
+            count: 1,
+            client_token: unique("token"),
+            user_data: "#!/bin/sh\n".to_owned(),
+            tags: [
+                (
+                    scaling_service::executor::tags::FLEET.to_owned(),
+                    "whist-dev".to_owned(),
+                ),
+                (
+                    scaling_service::executor::tags::CLIENT_SHA.to_owned(),
+                    region.client_sha.clone(),
+                ),
+            ]
+            .into(),
+        })
+        .await
+        .expect("launch");
+    let id = launched[0].id.clone();
+    eventually(
+        "the unrecorded machine to get its row",
+        PATIENCE,
+        || async {
+            instances(&db, name)
+                .await
+                .iter()
+                .any(|i| i.id == id && i.status == InstanceStatus::PreConnection)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A row whose machine is gone (terminated behind the fleet's back) is deleted.
+    ec2.terminate(name, std::slice::from_ref(&id))
+        .await
+        .expect("terminate");
+    eventually("the vanished machine's row to go", PATIENCE, || async {
+        (!instances(&db, name).await.iter().any(|i| i.id == id)).then_some(())
+    })
+    .await;
+}
