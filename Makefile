@@ -2,7 +2,7 @@
 CARGO ?= cargo
 STACK := $(CARGO) run --quiet -p whist-test-support --bin stack --
 
-.PHONY: run stack test check lint fmt bench bench-dbclient bench-host engine moto nextest clean
+.PHONY: run stack test check lint fmt bench bench-dbclient bench-host bench-scaling engine moto nextest clean
 
 ## run: start the local stack (Postgres + GraphQL engine, seeded with a small fleet config) and print its URLs
 run: engine
@@ -23,8 +23,8 @@ check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: print every benchmark's figures (database client, then host-service on Docker)
-bench: bench-dbclient bench-host
+## bench: print every benchmark's figures (database client, host-service on Docker, scaling-service)
+bench: bench-dbclient bench-host bench-scaling
 
 ## bench-dbclient: stack start-up, round trips, claims/s, live-query latency
 bench-dbclient: engine
@@ -34,6 +34,11 @@ bench-dbclient: engine
 bench-host: engine
 	$(CARGO) build --release -p host-service --bin host-service --example host_bench
 	./target/release/examples/host_bench
+
+## bench-scaling: assignments/s at 32 and 128 clients, decide() on 10,000 hosts, event → launch
+bench-scaling: engine moto
+	$(CARGO) run --release -p scaling-service --example decide_bench
+	$(CARGO) run --release -p scaling-service --example scaling_bench
 
 ## engine: install the Hasura-dialect GraphQL engine once per machine (cached outside the repo)
 engine:
