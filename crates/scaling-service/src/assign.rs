@@ -102,6 +102,10 @@ impl Assigner {
         user: &str,
     ) -> Result<Assignment, AssignError> {
         let fleet = self.fleet.current();
+        if !fleet.complete {
+            // Before the first results arrive, every region would look unknown.
+            return Err(AssignError::ServiceUnavailable);
+        }
         let regions = enabled_regions(&fleet, &request.regions);
         if regions.is_empty() {
             return Err(AssignError::RegionNotEnabled);
@@ -124,12 +128,18 @@ impl Assigner {
             } else {
                 request.client_commit_hash.as_str()
             };
-            let (matching, mismatching): (Vec<&Instance>, Vec<&Instance>) =
-                candidates(&fleet, region, &image.image_id)
-                    .into_iter()
-                    .partition(|instance| instance.client_sha == commit);
-            matching_seen |= !matching.is_empty();
-            mismatching_seen |= !mismatching.is_empty();
+            // The region's build is the one clients must match; hosts carry it after they
+            // register.
+            if image.client_sha == commit {
+                matching_seen = true;
+            } else {
+                mismatching_seen = true;
+                continue;
+            }
+            let matching: Vec<&Instance> = candidates(&fleet, region, &image.image_id)
+                .into_iter()
+                .filter(|instance| instance.client_sha == commit)
+                .collect();
             for instance in matching {
                 if let Some(assignment) = self.claim_on(&fleet, instance, user, &session_id).await?
                 {

@@ -32,6 +32,8 @@ pub struct Outcome {
     pub launched: Vec<Instance>,
     pub drained: u32,
     pub errors: u32,
+    /// The image the region was swapped to, if it was.
+    pub swapped_to: Option<ImageRef>,
 }
 
 #[derive(Debug)]
@@ -44,6 +46,8 @@ pub struct Executor {
     /// How long a launched host may be missing from the cloud's listings (eventual consistency)
     /// or from the database (between launch and insert) before reconciliation acts on it.
     pub reconcile_grace: chrono::Duration,
+    /// Whether this replica still leads; actions stop as soon as it does not.
+    pub leading: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Executor {
@@ -55,6 +59,14 @@ impl Executor {
     pub async fn run(&self, region: &str, actions: Vec<Action>, fleet: &Fleet) -> Outcome {
         let mut outcome = Outcome::default();
         for action in actions {
+            if self
+                .leading
+                .as_ref()
+                .is_some_and(|leading| !*leading.borrow())
+            {
+                tracing::warn!(region, "no longer leading: remaining actions dropped");
+                break;
+            }
             let result = match &action {
                 Action::Launch {
                     image,
@@ -78,7 +90,13 @@ impl Executor {
                     instance_id,
                     reason,
                 } => self.terminate(region, instance_id, *reason).await,
-                Action::SwapImage { image } => self.swap(region, image, fleet).await,
+                Action::SwapImage { image } => {
+                    self.swap(region, image, fleet).await.map(|swapped| {
+                        if swapped {
+                            outcome.swapped_to = Some(image.clone());
+                        }
+                    })
+                }
                 Action::RollBackUpgrade { image } => self.roll_back(region, image, fleet).await,
             };
             if let Err(error) = result {
@@ -99,11 +117,21 @@ impl Executor {
         purpose: LaunchPurpose,
         fleet: &Fleet,
     ) -> Result<Vec<Instance>, ActionError> {
-        // An upgrade's launch has one token for its whole life, so a restart mid-upgrade can
-        // never launch its buffer twice; a buffer launch gets a fresh one, reused by retries.
-        let client_token = match purpose {
-            LaunchPurpose::Upgrade => token(&format!("upgrade/{region}/{}", image.image_id)),
-            LaunchPurpose::Buffer => token(&uuid::Uuid::new_v4().to_string()),
+        let upgrade = fleet
+            .upgrades
+            .get(region)
+            .filter(|_| purpose == LaunchPurpose::Upgrade);
+        // An upgrade's launch has one token for its whole life (fleet, region, image and the
+        // upgrade's own creation), so a restart mid-upgrade can never launch its buffer twice;
+        // a buffer launch gets a fresh one, reused by retries.
+        let client_token = match upgrade {
+            Some(upgrade) => token(&format!(
+                "{}/upgrade/{region}/{}/{}",
+                self.fleet_tag(),
+                upgrade.image_id,
+                upgrade.created_at.timestamp_micros()
+            )),
+            None => token(&uuid::Uuid::new_v4().to_string()),
         };
         let purpose_name = match purpose {
             LaunchPurpose::Buffer => "buffer",
@@ -128,16 +156,16 @@ impl Executor {
             ]),
         };
         let launched = with_retries(|| self.hosts.launch(&request)).await?;
-        self.metrics.launched(region, launched.len() as u32);
         tracing::info!(region, count = launched.len(), purpose = purpose_name, image = %image.image_id, "launched hosts");
+        // From here on the machines exist: they are reported whatever happens to the rows, so
+        // the controller counts them (and the reconciliation records any row that is missing).
         let rows: Vec<NewInstance> = launched
             .iter()
             .map(|host| new_row(host, &image.client_sha))
             .collect();
-        self.db.execute(&ops::insert_instances(&rows)).await?;
-        if purpose == LaunchPurpose::Upgrade
-            && let Some(upgrade) = fleet.upgrades.get(region)
-        {
+        let recorded = self.insert_rows(&rows).await;
+        self.metrics.launched(region, recorded as u32);
+        if let Some(upgrade) = upgrade {
             self.db
                 .execute(&ops::transition_upgrade(
                     upgrade,
@@ -150,6 +178,28 @@ impl Executor {
             .iter()
             .map(|host| pending_instance(host, &image.client_sha))
             .collect())
+    }
+
+    /// Inserts instance rows one by one, so one already present (an idempotent relaunch, a
+    /// reconciliation that got there first) does not keep the others out. Returns how many
+    /// were new.
+    async fn insert_rows(&self, rows: &[NewInstance]) -> usize {
+        let mut inserted = 0;
+        for row in rows {
+            match self
+                .db
+                .execute(&ops::insert_instances(std::slice::from_ref(row)))
+                .await
+            {
+                Ok(_) => inserted += 1,
+                Err(DbError::ConstraintViolation { .. }) => {}
+                Err(error) => {
+                    self.metrics.error("record_host");
+                    tracing::error!(instance.id = %row.id, %error, "record a launched host");
+                }
+            }
+        }
+        inserted
     }
 
     async fn drain(
@@ -181,33 +231,41 @@ impl Executor {
     ) -> Result<(), ActionError> {
         let ids = [instance_id.to_owned()];
         with_retries(|| self.hosts.terminate(region, &ids)).await?;
-        self.db
+        let deleted = self
+            .db
             .execute(&ops::delete_instance_and_mandelboxes(instance_id))
             .await?;
-        let reason = match reason {
-            TerminateReason::Drained => "drained",
-            TerminateReason::HeartbeatLost => "heartbeat_lost",
-            TerminateReason::NeverReady => "never_ready",
-        };
-        self.metrics.terminated(region, reason);
-        tracing::info!(instance.id = instance_id, reason, "terminated host");
+        if deleted {
+            let reason = match reason {
+                TerminateReason::Drained => "drained",
+                TerminateReason::HeartbeatLost => "heartbeat_lost",
+                TerminateReason::NeverReady => "never_ready",
+            };
+            self.metrics.terminated(region, reason);
+            tracing::info!(instance.id = instance_id, reason, "terminated host");
+        }
         Ok(())
     }
 
-    async fn swap(&self, region: &str, image: &ImageRef, fleet: &Fleet) -> Result<(), ActionError> {
+    async fn swap(
+        &self,
+        region: &str,
+        image: &ImageRef,
+        fleet: &Fleet,
+    ) -> Result<bool, ActionError> {
         let Some(upgrade) = upgrade_for(fleet, region, image) else {
-            return Ok(());
+            return Ok(false);
         };
-        if self
+        let swapped = self
             .db
             .execute(&ops::swap_to_upgrade(upgrade))
             .await?
-            .is_some()
-        {
+            .is_some();
+        if swapped {
             self.metrics.upgrade(region, "swapped");
             tracing::info!(region, image = %image.image_id, "region swapped to its new image");
         }
-        Ok(())
+        Ok(swapped)
     }
 
     async fn roll_back(
@@ -219,24 +277,34 @@ impl Executor {
         let Some(upgrade) = upgrade_for(fleet, region, image) else {
             return Ok(());
         };
-        let ids: Vec<String> = fleet
-            .instances_in(region)
-            .filter(|i| i.image_id == image.image_id)
-            .map(|i| i.id.clone())
-            .collect();
-        with_retries(|| self.hosts.terminate(region, &ids)).await?;
-        for id in &ids {
-            self.db
-                .execute(&ops::delete_instance_and_mandelboxes(id))
-                .await?;
-        }
-        self.db
+        // Claim the rollback first: if the upgrade was swapped meanwhile (another actor, a stale
+        // view), its hosts carry sessions now and must not be touched.
+        let claimed = self
+            .db
             .execute(&ops::transition_upgrade(
                 upgrade,
                 &[UpgradeStatus::Pending, UpgradeStatus::Shielded],
                 UpgradeStatus::RolledBack,
             ))
             .await?;
+        if claimed.is_none() {
+            return Ok(());
+        }
+        let ids: Vec<String> = fleet
+            .instances_in(region)
+            .filter(|i| i.image_id == image.image_id && i.status != InstanceStatus::Active)
+            .map(|i| i.id.clone())
+            .collect();
+        with_retries(|| self.hosts.terminate(region, &ids)).await?;
+        for id in &ids {
+            if self
+                .db
+                .execute(&ops::delete_instance_and_mandelboxes(id))
+                .await?
+            {
+                self.metrics.terminated(region, "rolled_back");
+            }
+        }
         self.metrics.upgrade(region, "rolled_back");
         tracing::error!(region, image = %image.image_id, hosts = ids.len(), "image upgrade rolled back: its hosts never became ACTIVE");
         Ok(())
@@ -250,14 +318,16 @@ impl Executor {
         region: &str,
         fleet: &Fleet,
         now: DateTime<Utc>,
+        ready_timeout_seconds: i32,
     ) -> Result<(), ActionError> {
         let fleet_tag = self.fleet_tag();
         let cloud = with_retries(|| self.hosts.list(region, (tags::FLEET, &fleet_tag))).await?;
         let cloud_by_id: HashMap<&str, &CloudHost> =
             cloud.iter().map(|host| (host.id.as_str(), host)).collect();
         let rows: HashSet<&str> = fleet.instances_in(region).map(|i| i.id.as_str()).collect();
+        let ready_timeout = chrono::Duration::seconds(i64::from(ready_timeout_seconds.max(0)));
 
-        let unrecorded: Vec<NewInstance> = cloud
+        let (young, old): (Vec<&CloudHost>, Vec<&CloudHost>) = cloud
             .iter()
             .filter(|host| matches!(host.state, CloudState::Pending | CloudState::Running))
             .filter(|host| !rows.contains(host.id.as_str()))
@@ -265,6 +335,10 @@ impl Executor {
                 host.launched_at
                     .is_none_or(|at| now - at > self.reconcile_grace)
             })
+            .partition(|host| host.launched_at.is_some_and(|at| now - at < ready_timeout));
+        // Young machines were launched and never recorded: record them, they are booting.
+        let unrecorded: Vec<NewInstance> = young
+            .iter()
             .map(|host| {
                 let client_sha = host.tags.get(tags::CLIENT_SHA).cloned().unwrap_or_default();
                 new_row(host, &client_sha)
@@ -276,7 +350,20 @@ impl Executor {
                 count = unrecorded.len(),
                 "recording hosts launched but never recorded"
             );
-            self.db.execute(&ops::insert_instances(&unrecorded)).await?;
+            self.insert_rows(&unrecorded).await;
+        }
+        // Old ones have no row because their host drained and left: they only cost money.
+        let leftovers: Vec<String> = old.iter().map(|host| host.id.clone()).collect();
+        if !leftovers.is_empty() {
+            tracing::warn!(
+                region,
+                count = leftovers.len(),
+                "terminating hosts without a row"
+            );
+            with_retries(|| self.hosts.terminate(region, &leftovers)).await?;
+            for _ in &leftovers {
+                self.metrics.terminated(region, "unrecorded");
+            }
         }
 
         for instance in fleet.instances_in(region) {
@@ -288,11 +375,14 @@ impl Executor {
                 ),
             };
             if gone && now - instance.created_at > self.reconcile_grace {
-                tracing::warn!(instance.id = %instance.id, "deleting the row of a host that no longer exists");
-                self.db
+                let deleted = self
+                    .db
                     .execute(&ops::delete_instance_and_mandelboxes(&instance.id))
                     .await?;
-                self.metrics.terminated(region, "vanished");
+                if deleted {
+                    tracing::warn!(instance.id = %instance.id, "deleted the row of a host that no longer exists");
+                    self.metrics.terminated(region, "vanished");
+                }
             }
         }
         Ok(())

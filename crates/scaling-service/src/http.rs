@@ -54,6 +54,8 @@ pub fn router(state: AppState) -> axum::Router {
 pub fn proxy_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
+        // A host answering with a redirect must not steer this service anywhere else.
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(5))
         .build()
@@ -222,8 +224,14 @@ async fn proxy_transport(
         .await
         .map_err(|_| ApiError::Unavailable)?
         .ok_or(ApiError::UnknownMandelbox)?;
-    let ip = instance.ip().ok_or(ApiError::UnknownMandelbox)?;
-    let url = format!("https://{ip}:{HOST_TRANSPORT_PORT}/json_transport");
+    let ip = instance
+        .ip()
+        .filter(|ip| routable_host(*ip))
+        .ok_or(ApiError::UnknownMandelbox)?;
+    let url = format!(
+        "https://{}/json_transport",
+        std::net::SocketAddr::new(ip, HOST_TRANSPORT_PORT)
+    );
     let mut request = state
         .proxy
         .put(url)
@@ -253,6 +261,19 @@ async fn proxy_transport(
             .insert(header::CONTENT_TYPE, content_type);
     }
     Ok(reply)
+}
+
+/// Addresses a host can have: never link-local (the cloud's metadata service lives there),
+/// multicast or unspecified. Loopback stays allowed for hosts on a developer's machine.
+fn routable_host(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            !(v4.is_link_local() || v4.is_multicast() || v4.is_unspecified() || v4.is_broadcast())
+        }
+        std::net::IpAddr::V6(v6) => {
+            !(v6.is_multicast() || v6.is_unspecified() || v6.is_unicast_link_local())
+        }
+    }
 }
 
 /// Everything that is not a business refusal of an assign.
@@ -385,6 +406,16 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_proxy_never_targets_link_local_or_multicast_addresses() {
+        for bad in ["169.254.169.254", "0.0.0.0", "224.0.0.1", "fe80::1", "::"] {
+            assert!(!routable_host(bad.parse().expect("ip")), "{bad}");
+        }
+        for good in ["203.0.113.7", "10.0.0.5", "127.0.0.1", "2001:db8::1"] {
+            assert!(routable_host(good.parse().expect("ip")), "{good}");
+        }
+    }
 
     #[test]
     fn the_rate_limit_is_per_user() {

@@ -26,16 +26,31 @@ pub fn spawn(
     let (leading_tx, leading) = watch::channel(false);
     let lease_length = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(15));
     tokio::spawn(async move {
-        let mut held_until = None;
+        let mut held_until: Option<chrono::DateTime<Utc>> = None;
+        let mut created = false;
         loop {
             let now = Utc::now();
             let operation = ops::acquire_lease(&name, &replica, now, now + lease_length);
-            match db.execute(&operation).await {
-                Ok(Some(lease)) => held_until = Some(lease.expires_at),
-                Ok(None) => held_until = None,
-                Err(error) => tracing::warn!(%error, "renew the leader lease"),
+            // A renewal may take at most a third of the lease, so a hung request cannot keep a
+            // replica believing it leads past its lease.
+            match tokio::time::timeout(lease / 3, db.execute(&operation)).await {
+                Ok(Ok(Some(lease))) => held_until = Some(lease.expires_at),
+                Ok(Ok(None)) => {
+                    held_until = None;
+                    if !created {
+                        // Leases other than the seeded one are created on first use.
+                        created = true;
+                        if let Err(error) = db.execute(&ops::create_lease(&name)).await
+                            && !matches!(error, whist_dbclient::DbError::ConstraintViolation { .. })
+                        {
+                            tracing::warn!(%error, lease = name, "create the lease row");
+                        }
+                    }
+                }
+                Ok(Err(error)) => tracing::warn!(%error, "renew the leader lease"),
+                Err(_) => tracing::warn!("renewing the leader lease timed out"),
             }
-            // Step down a third of a lease early when renewals fail.
+            // Step down a third of a lease before it runs out when renewals fail.
             let margin = lease_length / 3;
             let leading = held_until.is_some_and(|until| Utc::now() + margin < until);
             if *leading_tx.borrow() != leading {

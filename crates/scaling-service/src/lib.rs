@@ -101,15 +101,19 @@ pub async fn start(
             metrics: metrics.clone(),
             reconcile_grace: chrono::Duration::from_std(config.reconcile_grace)
                 .unwrap_or(chrono::Duration::minutes(2)),
+            leading: Some(leader.clone()),
         }),
         config: config.clone(),
         metrics: metrics.clone(),
         settings: options.settings.clone(),
     });
-    tokio::spawn(lead_while_elected(
+    // Scaling stops before the lease is released, so no other replica starts while this one
+    // still finishes an action.
+    let scaling_stop = CancellationToken::new();
+    let scaling = tokio::spawn(lead_while_elected(
         controller,
         leader.clone(),
-        background.clone(),
+        scaling_stop.clone(),
     ));
 
     let verifier = config
@@ -143,6 +147,8 @@ pub async fn start(
         if let Err(error) = served {
             tracing::error!(%error, "API server failed");
         }
+        scaling_stop.cancel();
+        let _ = scaling.await;
         background.cancel();
         // Give the lease release a moment to reach the database.
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -118,6 +118,16 @@ pub fn acquire_lease(
     )
 }
 
+const CREATE_LEASE: &str = "mutation CreateLease($name: String!) { insert_config_leases(objects: [{name: $name}]) { affected_rows } }";
+
+/// Creates the lease row `name`, free. Fails with a constraint violation if it exists already,
+/// which callers that only want it to exist ignore.
+pub fn create_lease(name: &str) -> Operation<()> {
+    Operation::new("CreateLease", CREATE_LEASE, json!({ "name": name }), |_| {
+        Ok(())
+    })
+}
+
 const RELEASE_LEASE: &str = "mutation ReleaseLease($name: String!, $holder: String!) { update_config_leases(where: {name: {_eq: $name}, holder: {_eq: $holder}}, _set: {holder: null, expires_at: \"1970-01-01T00:00:00Z\"}) { affected_rows returning { name holder expires_at } } }";
 
 /// Gives the lease up at once (a clean shutdown), if `holder` has it.
@@ -160,6 +170,7 @@ mod tests {
         assert_well_formed(&swap_to_upgrade(&upgrade()));
         assert_well_formed(&acquire_lease("scaling", "a", Utc::now(), Utc::now()));
         assert_well_formed(&release_lease("scaling", "a"));
+        assert_well_formed(&create_lease("eu"));
     }
 
     #[test]

@@ -156,6 +156,13 @@ fn decide(snapshot: &RegionSnapshot, now: DateTime<Utc>) -> Vec<Action> {
     let mut upgrade_step = None;
     if let Some(upgrade) = upgrade {
         match upgrade.state {
+            // A pending upgrade that could not launch by its deadline (no usable type, a
+            // launch the cloud keeps refusing) gives up rather than blocking the region.
+            UpgradeState::Pending if now >= upgrade.deadline => {
+                upgrade_step = Some(Action::RollBackUpgrade {
+                    image: upgrade.image.clone(),
+                });
+            }
             UpgradeState::Pending => {
                 if desired > 0
                     && let Some((instance_type, capacity)) = launch_type(&snapshot.instance_types)
@@ -909,6 +916,11 @@ mod tests {
                 "pending upgrade with no usable type launches nothing",
                 region(vec![]).types(&[UNKNOWN]).upgrading(Pending, 3600),
                 vec![],
+            ),
+            case(
+                "pending upgrade past its deadline is rolled back instead of launched",
+                region(vec![active("a"), active("b")]).upgrading(Pending, -1),
+                vec![Action::RollBackUpgrade { image: new_image() }],
             ),
             case(
                 "shielded hosts neither drained nor counted",
