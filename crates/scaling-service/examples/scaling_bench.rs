@@ -27,6 +27,7 @@ use whist_types::{
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
+    whist_logging::init_from_env()?;
     let stack = Stack::start(&StackOptions::default())?;
     let db = client_for(stack.info());
     let issuer = Arc::new(TestIssuer::start().await?);
@@ -65,7 +66,20 @@ async fn main() -> anyhow::Result<()> {
         inner: ec2.clone(),
         calls: Mutex::new(Vec::new()),
     });
-    let region = "us-east-1";
+    // One fresh region per round (moto knows only real region names), configured last so the
+    // controller first sees it exactly at its target.
+    const REGIONS: [&str; 10] = [
+        "us-east-1",
+        "us-east-2",
+        "us-west-1",
+        "us-west-2",
+        "eu-west-1",
+        "eu-west-2",
+        "eu-central-1",
+        "ap-southeast-1",
+        "ap-southeast-2",
+        "ap-northeast-1",
+    ];
     let settings = FleetSettings {
         mandelbox_limit_per_user: 3,
         scale_up_cooldown_seconds: 0,
@@ -74,21 +88,33 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_timeout_seconds: 3600,
         instance_ready_timeout_seconds: 3600,
     };
+    let managed = REGIONS.join(",");
     let leader = start(
         stack.info(),
         &issuer,
         recorder.clone(),
-        &["--managed-regions", region, "--lease-seconds", "3"],
+        &["--managed-regions", &managed, "--lease-seconds", "3"],
         Some(settings),
     )
     .await?;
+    while !*leader.leader.borrow() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut samples = Vec::new();
-    for round in 0..10 {
-        // A region exactly at its target of 2, on one registered host.
-        let name = region.to_owned();
-        reset_region(stack.info(), &name)?;
-        let boxes = fleet_with_target(&db, &name, 2).await?;
-        wait_loaded(&leader, &name, boxes.len()).await;
+    for (round, region) in REGIONS.iter().enumerate() {
+        // The host first, under a target of 0; then the target of 2, which it meets exactly.
+        let boxes = fleet_with_target(&db, region, 2, 0).await?;
+        wait_loaded(&leader, region, boxes.len()).await;
+        set_target(&db, region, 2).await?;
+        while leader
+            .fleet
+            .current()
+            .regions
+            .get(*region)
+            .is_none_or(|config| config.desired_free_mandelboxes != 2)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = recorder.calls.lock().map(|c| c.len()).unwrap_or(0);
         let written = Instant::now();
@@ -106,12 +132,11 @@ async fn main() -> anyhow::Result<()> {
                 break;
             }
             if Instant::now() > deadline {
-                println!("  round {round}: no launch within 10 s");
+                println!("  {region}: no launch within 10 s");
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     println!(
         "  claim committed → RunInstances called: {}",
@@ -201,7 +226,7 @@ async fn fleet(
             client_sha: "bench-sha".into(),
             instance_type: "g4dn.12xlarge".into(),
             remaining_capacity: boxes as i32,
-            status: InstanceStatus::Active,
+            status: InstanceStatus::PreConnection,
         })
         .collect();
     db.execute(&ops::insert_instances(&instances)).await?;
@@ -229,14 +254,8 @@ async fn fleet_with_target(
     db: &HasuraClient,
     region: &str,
     target: i32,
+    initial_target: i32,
 ) -> anyhow::Result<Vec<MandelboxId>> {
-    db.execute(&ops::set_region_config(&RegionConfig {
-        region: region.to_owned(),
-        enabled: true,
-        desired_free_mandelboxes: target,
-        instance_types: vec!["g4dn.2xlarge".into()],
-    }))
-    .await?;
     db.execute(&ops::set_image("AWS", region, "ami-bench", "bench-sha"))
         .await?;
     let id = format!("i-{}", uuid::Uuid::new_v4().simple());
@@ -257,14 +276,18 @@ async fn fleet_with_target(
         .map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "WHISTIUM", &id))
         .collect();
     db.execute(&ops::insert_mandelboxes(&rows)).await?;
+    set_target(db, region, initial_target).await?;
     Ok(rows.into_iter().map(|r| r.id).collect())
 }
 
-fn reset_region(info: &StackInfo, region: &str) -> anyhow::Result<()> {
-    info.sql(&format!(
-        "DELETE FROM whist.mandelboxes WHERE instance_id IN (SELECT id FROM whist.instances WHERE region = '{region}');
-         DELETE FROM whist.instances WHERE region = '{region}';"
-    ))?;
+async fn set_target(db: &HasuraClient, region: &str, target: i32) -> anyhow::Result<()> {
+    db.execute(&ops::set_region_config(&RegionConfig {
+        region: region.to_owned(),
+        enabled: true,
+        desired_free_mandelboxes: target,
+        instance_types: vec!["g4dn.2xlarge".into()],
+    }))
+    .await?;
     Ok(())
 }
 

@@ -248,6 +248,7 @@ fn candidates<'a>(fleet: &'a Fleet, region: &'a str, image_id: &str) -> Vec<&'a 
         .instances_in(region)
         .filter(|i| {
             i.status == InstanceStatus::Active
+                && i.ip().is_some()
                 && i.image_id == image_id
                 && i.remaining_capacity > 0
                 && fleet.waiting.get(&i.id).is_some_and(|w| !w.is_empty())

@@ -81,7 +81,8 @@ impl FleetView {
     pub fn start(db: &HasuraClient, options: LiveOptions, stop: CancellationToken) -> Self {
         let (publish, current) = watch::channel(Fleet::default());
         let mut instances = db.subscribe_with(live::queries::instances(), options.clone());
-        let mut mandelboxes = db.subscribe_with(live::queries::mandelboxes(), options.clone());
+        let mut mandelboxes =
+            db.subscribe_with(live::queries::waiting_mandelboxes(), options.clone());
         let mut images = db.subscribe_with(live::queries::images(), options.clone());
         let mut regions = db.subscribe_with(live::queries::region_configs(), options.clone());
         let mut settings = db.subscribe_with(live::queries::fleet_settings(), options.clone());

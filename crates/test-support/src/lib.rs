@@ -16,6 +16,7 @@ pub mod moto;
 mod postgres;
 mod process;
 mod stack;
+mod waiting;
 
 pub use engine::{Engine, EngineOptions, engine_binary};
 pub use mandelbox_image::reference_mandelbox_image;
@@ -23,3 +24,4 @@ pub use metadata::{engine_names_json, notify_triggers_sql, tracked_tables};
 pub use moto::{Moto, shared_moto};
 pub use postgres::Postgres;
 pub use stack::{Stack, StackInfo, StackOptions, repo_root, shared};
+pub use waiting::{eventually, unique};

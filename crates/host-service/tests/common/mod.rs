@@ -6,7 +6,6 @@
 
 pub mod imds;
 
-use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,9 +36,7 @@ pub fn db() -> HasuraClient {
     HasuraClient::new(config)
 }
 
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
+pub use whist_test_support::{eventually, unique};
 
 pub fn fast_live_options() -> LiveOptions {
     LiveOptions {
@@ -48,22 +45,6 @@ pub fn fast_live_options() -> LiveOptions {
         connect_timeout: Duration::from_secs(5),
         keep_alive_interval: Duration::from_secs(2),
         keep_alive_retries: 1,
-    }
-}
-
-/// Polls `check` until it returns `Some`, or panics after `timeout` naming what was awaited.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
