@@ -147,6 +147,12 @@ impl Controller {
             }
             warned_stale = false;
             for region in dirty {
+                // A region without a configuration row is not ours to shape (it may also only
+                // look so because the regions live query has not caught up with the instances
+                // one): nothing is decided for it until its row exists.
+                if !fleet.regions.contains_key(&region) {
+                    continue;
+                }
                 let memory = regions.entry(region.clone()).or_default();
                 let now = Utc::now();
                 if memory.busy || memory.retry_at.is_some_and(|at| now < at) {
