@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use whist_dbclient::{ClaimOutcome, HasuraClient};
-use whist_types::{Environment, Instance, InstanceStatus, MandelboxId};
+use whist_dbclient::{ClaimOutcome, HasuraClient, ops};
+use whist_types::{Environment, Instance, InstanceStatus, MandelboxId, MandelboxStatus};
 
 use crate::fleet::{Fleet, FleetView};
 
@@ -193,6 +193,19 @@ impl Assigner {
                     return Err(AssignError::UserAlreadyActive);
                 }
                 Err(error) => {
+                    // The claim may have committed with its answer lost: if the box is this
+                    // user's now, it is theirs to use rather than a leak until the host reaps it.
+                    if let Ok(Some(row)) = self.db.execute(&ops::mandelbox_by_id(id)).await
+                        && row.user_id.as_deref() == Some(user)
+                        && row.status == MandelboxStatus::Allocated
+                        && let Some(ip) = instance.ip()
+                    {
+                        return Ok(Some(Assignment {
+                            ip: ip.to_string(),
+                            mandelbox_id: id,
+                            region: instance.region.clone(),
+                        }));
+                    }
                     self.release(id);
                     tracing::warn!(%error, "claim failed");
                     return Err(AssignError::ServiceUnavailable);
