@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use whist_dbclient::{HasuraClient, LiveOptions};
 
 use crate::agent::{AgentParts, DrainReport};
@@ -230,6 +231,7 @@ pub async fn start(
 
     let metrics = Arc::new(Metrics::new());
     let agent_shutdown = shutdown.child_token();
+    let entered = span.enter();
     let (agent, agent_task) = agent::spawn(
         AgentParts {
             config: config.clone(),
@@ -247,6 +249,7 @@ pub async fn start(
         },
         agent_shutdown,
     );
+    drop(entered);
 
     let servers_stop = CancellationToken::new();
     let state = AppState {
@@ -303,7 +306,7 @@ pub async fn start(
                 Exit::Drained
             }
         }
-        .instrument_in(span),
+        .instrument(span),
     );
 
     Ok(Running {
@@ -355,16 +358,5 @@ async fn power_off(command: &[String]) {
         Ok(status) if status.success() => {}
         Ok(status) => tracing::error!(%status, "power-off command failed"),
         Err(error) => tracing::error!(%error, "power-off command could not run"),
-    }
-}
-
-/// `tracing::Instrument` under a name that does not clash with futures' combinators.
-trait InstrumentIn: Sized {
-    fn instrument_in(self, span: tracing::Span) -> tracing::instrument::Instrumented<Self>;
-}
-
-impl<F: std::future::Future> InstrumentIn for F {
-    fn instrument_in(self, span: tracing::Span) -> tracing::instrument::Instrumented<Self> {
-        tracing::Instrument::instrument(self, span)
     }
 }

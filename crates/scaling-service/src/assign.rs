@@ -52,16 +52,12 @@ pub struct Assignment {
 
 /// The business refusals, each with the code clients switch on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.code())]
 pub enum AssignError {
-    #[error("USER_ALREADY_ACTIVE")]
     UserAlreadyActive,
-    #[error("REGION_NOT_ENABLED")]
     RegionNotEnabled,
-    #[error("NO_INSTANCE_AVAILABLE")]
     NoInstanceAvailable,
-    #[error("COMMIT_HASH_MISMATCH")]
     CommitHashMismatch,
-    #[error("SERVICE_UNAVAILABLE")]
     ServiceUnavailable,
 }
 

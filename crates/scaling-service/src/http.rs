@@ -98,7 +98,7 @@ async fn assign(
     let result = match method {
         Method::OPTIONS => return cors(StatusCode::NO_CONTENT.into_response()),
         Method::POST => handle_assign(&state, &headers, &body).await,
-        other => Err(ApiError::Method(other, "POST")),
+        other => Err(ApiError::Method(other, "POST, OPTIONS")),
     };
     let (outcome, response) = match result {
         Ok(assignment) => (
@@ -186,7 +186,7 @@ async fn json_transport(
             Ok(response) => response,
             Err(error) => error.into_response(),
         },
-        other => ApiError::Method(other, "PUT").into_response(),
+        other => ApiError::Method(other, "PUT, OPTIONS").into_response(),
     };
     cors(response)
 }
@@ -279,6 +279,7 @@ fn routable_host(ip: std::net::IpAddr) -> bool {
 /// Everything that is not a business refusal of an assign.
 #[derive(Debug, thiserror::Error)]
 enum ApiError {
+    /// The method, and the `Allow` header value.
     #[error("method {0} not allowed; use {1}")]
     Method(Method, &'static str),
     #[error("{0}")]

@@ -207,7 +207,8 @@ pub fn spawn(
     let (commands, command_rx) = mpsc::channel(256);
     let (status_tx, status) = watch::channel(AgentStatus::default());
     let agent = Agent::new(parts, command_rx, status_tx);
-    let join = tokio::spawn(agent.run(shutdown));
+    // The caller's span (the host's identity) follows the agent's logs.
+    let join = tokio::spawn(tracing::Instrument::in_current_span(agent.run(shutdown)));
     (AgentHandle { commands, status }, join)
 }
 

@@ -4,5 +4,4 @@ pub mod routes;
 pub mod tls;
 
 pub use tls::{SelfSigned, TlsError, self_signed, serve_tls};
-pub use whist_auth as auth;
 pub use whist_auth::{AuthError, Claims, JwtConfig, JwtVerifier, bearer_token};

@@ -44,21 +44,13 @@ impl DockerRuntime {
             .map_err(|error| RuntimeError::Connect(Box::new(error)))?;
         Ok(Self { docker })
     }
-
-    pub fn docker(&self) -> &Docker {
-        &self.docker
-    }
 }
 
 fn classify(operation: &'static str, target: &str, error: DockerError) -> RuntimeError {
     match error {
         DockerError::DockerResponseServerError {
-            status_code: 404,
-            message,
-        } if operation == "create" => {
-            let _ = message;
-            RuntimeError::ImageMissing(target.to_owned())
-        }
+            status_code: 404, ..
+        } if operation == "create" => RuntimeError::ImageMissing(target.to_owned()),
         DockerError::DockerResponseServerError { message, .. } => RuntimeError::Refused {
             operation,
             target: target.to_owned(),
