@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use whist_dbclient::{ClaimOutcome, HasuraClient, HasuraConfig, LiveOptions, live, ops};
+use whist_dbclient::{ClaimOutcome, HasuraClient, LiveOptions, live, ops};
 use whist_test_support::bench::summary;
-use whist_test_support::{Stack, StackInfo, StackOptions};
+use whist_test_support::{Stack, StackOptions};
 use whist_types::{InstanceStatus, MandelboxId, NewInstance, NewMandelbox};
 
 #[tokio::main(flavor = "multi_thread")]
@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  start-up: {}", summary(&mut startups));
 
     let stack = Stack::start(&StackOptions::default())?;
-    let client = client_for(stack.info());
+    let client = stack.info().client();
 
     println!("== round trips (sequential)");
     let (_, boxes) = fleet(&client, 50, 12).await?;
@@ -106,22 +106,13 @@ async fn main() -> anyhow::Result<()> {
             ..StackOptions::default()
         };
         let stack = Stack::start(&options)?;
-        let client = client_for(stack.info());
+        let client = stack.info().client();
         let mut latencies = live_latency(&client, 30).await?;
         println!("  {label}: {}", summary(&mut latencies));
     }
     println!("  (the engine takes whole seconds for its refresh, so 100 ms polling cannot be set;");
     println!("   the push path is what the local stack runs with)");
     Ok(())
-}
-
-fn client_for(info: &StackInfo) -> HasuraClient {
-    let mut config = HasuraConfig::new(
-        info.graphql_url.parse().expect("url"),
-        Some(info.admin_secret.clone()),
-    );
-    config.websocket_url = Some(info.websocket_url.parse().expect("url"));
-    HasuraClient::new(config)
 }
 
 /// ACTIVE instances in region `bench`, each full of WAITING boxes.

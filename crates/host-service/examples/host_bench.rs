@@ -19,7 +19,7 @@ use host_service::mandelbox::{BoxPaths, files, labels};
 use host_service::resources::ports::PortAllocator;
 use host_service::runtime::ContainerRuntime;
 use host_service::runtime::docker::DockerRuntime;
-use whist_dbclient::{ClaimOutcome, HasuraClient, HasuraConfig, ops};
+use whist_dbclient::{ClaimOutcome, HasuraClient, ops};
 use whist_test_support::bench::{mean, summary};
 use whist_test_support::jwt::TestIssuer;
 use whist_test_support::{Stack, StackInfo, StackOptions};
@@ -30,7 +30,7 @@ const ROUNDS: usize = 20;
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let stack = Stack::start(&StackOptions::default())?;
-    let db = client_for(stack.info());
+    let db = stack.info().client();
     let image = whist_test_support::reference_mandelbox_image()?;
     let docker = DockerRuntime::connect(Path::new("/var/run/docker.sock")).await?;
     let issuer = TestIssuer::start().await?;
@@ -84,15 +84,6 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
-}
-
-fn client_for(info: &StackInfo) -> HasuraClient {
-    let mut config = HasuraConfig::new(
-        info.graphql_url.parse().expect("url"),
-        Some(info.admin_secret.clone()),
-    );
-    config.websocket_url = Some(info.websocket_url.parse().expect("url"));
-    HasuraClient::new(config)
 }
 
 /// The same container spec the service builds, created and started straight through bollard.

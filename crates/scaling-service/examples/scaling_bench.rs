@@ -16,7 +16,7 @@ use scaling_service::config::Args;
 use scaling_service::hosts::ec2::{Ec2Hosts, Ec2Options};
 use scaling_service::hosts::{CloudHost, HostError, HostHandler, LaunchRequest};
 use scaling_service::{Running, StartOptions};
-use whist_dbclient::{HasuraClient, HasuraConfig, ops};
+use whist_dbclient::{HasuraClient, ops};
 use whist_test_support::bench::summary;
 use whist_test_support::jwt::TestIssuer;
 use whist_test_support::{Stack, StackInfo, StackOptions};
@@ -29,7 +29,7 @@ use whist_types::{
 async fn main() -> anyhow::Result<()> {
     whist_logging::init_from_env()?;
     let stack = Stack::start(&StackOptions::default())?;
-    let db = client_for(stack.info());
+    let db = stack.info().client();
     let issuer = Arc::new(TestIssuer::start().await?);
     let moto = whist_test_support::moto::Moto::start()?;
     let ec2 = Arc::new(Ec2Hosts::new(Ec2Options {
@@ -145,15 +145,6 @@ async fn main() -> anyhow::Result<()> {
     leader.shutdown();
     leader.wait().await;
     Ok(())
-}
-
-fn client_for(info: &StackInfo) -> HasuraClient {
-    let mut config = HasuraConfig::new(
-        info.graphql_url.parse().expect("url"),
-        Some(info.admin_secret.clone()),
-    );
-    config.websocket_url = Some(info.websocket_url.parse().expect("url"));
-    HasuraClient::new(config)
 }
 
 async fn start(

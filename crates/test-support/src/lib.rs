@@ -8,6 +8,7 @@
 //! exits, however it exits.
 
 pub mod bench;
+mod client;
 mod engine;
 pub mod jwt;
 pub mod mandelbox_image;

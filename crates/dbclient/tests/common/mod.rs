@@ -5,19 +5,13 @@
 
 use std::time::Duration;
 
-use whist_dbclient::{HasuraClient, HasuraConfig, LiveOptions, ops};
+use whist_dbclient::{HasuraClient, LiveOptions, ops};
 use whist_types::{InstanceStatus, MandelboxId, NewInstance, NewMandelbox};
 
 /// A client for the stack this test binary shares.
 pub fn client() -> HasuraClient {
     whist_logging::init_for_tests();
-    let stack = whist_test_support::shared();
-    let mut config = HasuraConfig::new(
-        stack.graphql_url.parse().expect("url"),
-        Some(stack.admin_secret.clone()),
-    );
-    config.websocket_url = Some(stack.websocket_url.parse().expect("url"));
-    HasuraClient::new(config)
+    whist_test_support::shared().client()
 }
 
 /// Options that notice failures quickly, for tests.

@@ -18,7 +18,7 @@ use host_service::runtime::docker::DockerRuntime;
 use host_service::runtime::{ContainerInfo, ContainerRuntime};
 use host_service::{Exit, Running, StartOptions};
 use tokio_util::sync::CancellationToken;
-use whist_dbclient::{ClaimOutcome, HasuraClient, HasuraConfig, LiveOptions, ops};
+use whist_dbclient::{ClaimOutcome, HasuraClient, LiveOptions, ops};
 use whist_test_support::jwt::TestIssuer;
 use whist_types::{Instance, InstanceStatus, Mandelbox, MandelboxId, MandelboxStatus, NewInstance};
 
@@ -27,13 +27,7 @@ pub const IMAGE_ID: &str = "ami-host-test";
 
 pub fn db() -> HasuraClient {
     whist_logging::init_for_tests();
-    let stack = whist_test_support::shared();
-    let mut config = HasuraConfig::new(
-        stack.graphql_url.parse().expect("url"),
-        Some(stack.admin_secret.clone()),
-    );
-    config.websocket_url = Some(stack.websocket_url.parse().expect("url"));
-    HasuraClient::new(config)
+    whist_test_support::shared().client()
 }
 
 pub use whist_test_support::{eventually, unique};

@@ -13,7 +13,7 @@ use scaling_service::hosts::ec2::{Ec2Hosts, Ec2Options};
 use scaling_service::{Running, StartOptions};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use whist_dbclient::{HasuraClient, HasuraConfig, LiveOptions, ops};
+use whist_dbclient::{HasuraClient, LiveOptions, ops};
 use whist_test_support::jwt::TestIssuer;
 use whist_types::{
     Instance, InstanceStatus, MandelboxId, MandelboxStatus, NewInstance, NewMandelbox, RegionConfig,
@@ -23,13 +23,7 @@ pub const INSTANCE_TYPE: &str = "g4dn.2xlarge";
 
 pub fn db() -> HasuraClient {
     whist_logging::init_for_tests();
-    let stack = whist_test_support::shared();
-    let mut config = HasuraConfig::new(
-        stack.graphql_url.parse().expect("url"),
-        Some(stack.admin_secret.clone()),
-    );
-    config.websocket_url = Some(stack.websocket_url.parse().expect("url"));
-    HasuraClient::new(config)
+    whist_test_support::shared().client()
 }
 
 pub use whist_test_support::{eventually, unique};
