@@ -2,14 +2,25 @@
 CARGO ?= cargo
 STACK := $(CARGO) run --quiet -p whist-test-support --bin stack --
 
-.PHONY: run stack test check lint fmt bench bench-dbclient bench-host bench-scaling engine moto nextest clean
+BIN := $${CARGO_TARGET_DIR:-target}/debug
 
-## run: start the local stack (Postgres + GraphQL engine, seeded with a small fleet config) and print its URLs
-run: engine
-	$(STACK) up --seed
+.PHONY: run stack session status test check lint fmt bench bench-dbclient bench-host bench-scaling bench-fleet engine postgres moto nextest clean
 
-## stack: the same stack without the seed data
-stack: engine
+## run: the whole fleet on this machine: stack, scaling-service, host-service processes and their mandelboxes; Ctrl-C stops it all
+run: engine postgres
+	$(CARGO) build --workspace --bins --quiet
+	$(BIN)/local-fleet
+
+## session: play one client session against the running local fleet (assign, config, ports and key, end)
+session:
+	$(CARGO) run --quiet -p whist-client --bin whist -- session
+
+## status: regions, hosts and mandelboxes by state of the running local fleet
+status:
+	$(CARGO) run --quiet -p whist-client --bin whist -- status
+
+## stack: only the database and the GraphQL engine (no seed data), printing their URLs
+stack: engine postgres
 	$(STACK) up
 
 ## test: format and lint checks, then every test tier against one shared local stack
@@ -39,6 +50,10 @@ bench-host: engine
 bench-scaling: engine moto
 	$(CARGO) run --release -p scaling-service --example decide_bench
 	$(CARGO) run --release -p scaling-service --example scaling_bench
+
+## postgres: make sure PostgreSQL 15 is installed (apt as root; otherwise says what to run)
+postgres:
+	@bash scripts/install-postgres.sh
 
 ## engine: install the Hasura-dialect GraphQL engine once per machine (cached outside the repo)
 engine:

@@ -183,6 +183,11 @@ pub struct Args {
     #[arg(long, env = "WHIST_AUTH_JWKS_URL")]
     pub auth_jwks_url: Option<Url>,
 
+    /// Seconds to wait at start-up for this host's instance row, which the scaling-service
+    /// writes right after launching the machine.
+    #[arg(long, env = "WHIST_REGISTRATION_WAIT", default_value_t = 60)]
+    pub registration_wait: u64,
+
     /// Seconds a CONNECTING mandelbox waits for its client's `json_transport`.
     #[arg(long, env = "WHIST_CONNECT_TIMEOUT", default_value_t = 60)]
     pub connect_timeout: u64,
@@ -269,6 +274,7 @@ impl MandelboxConfig {
 /// Every deadline the lifecycle uses, in one place so they stay consistent with each other.
 #[derive(Debug, Clone)]
 pub struct Timeouts {
+    pub registration_wait: Duration,
     pub connect: Duration,
     pub ready: Duration,
     pub heartbeat_interval: Duration,
@@ -357,6 +363,7 @@ impl Args {
             ops_listen: self.ops_listen,
             auth,
             timeouts: Timeouts {
+                registration_wait: Duration::from_secs(self.registration_wait),
                 connect: Duration::from_secs(self.connect_timeout),
                 ready: Duration::from_secs(self.ready_timeout),
                 heartbeat_interval: Duration::from_secs(self.heartbeat_interval),

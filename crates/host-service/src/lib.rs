@@ -151,14 +151,19 @@ pub async fn start(
         })?;
     let runtime: Arc<dyn ContainerRuntime> = Arc::new(docker);
 
-    let registration = registration::register(&db, &identity, &config.host_commit)
-        .await
-        .map_err(|error| match error {
-            registration::RegistrationError::Database(error) => {
-                startup(format!("read the instance row: {error}"))
-            }
-            other => Exit::RegistrationRefused(other.to_string()),
-        })?;
+    let registration = registration::register_waiting_for_row(
+        &db,
+        &identity,
+        &config.host_commit,
+        config.timeouts.registration_wait,
+    )
+    .await
+    .map_err(|error| match error {
+        registration::RegistrationError::Database(error) => {
+            startup(format!("read the instance row: {error}"))
+        }
+        other => Exit::RegistrationRefused(other.to_string()),
+    })?;
     match &registration {
         Registration::Registered(_) => tracing::info!("registered; instance is ACTIVE"),
         Registration::Resumed(_) => {

@@ -4,6 +4,9 @@
 //! A row already ACTIVE with the same identity is this host after a restart of the service, and
 //! is resumed; a DRAINING row means the fleet wants this host gone, so it drains at once.
 
+use std::time::Duration;
+
+use tokio::time::Instant;
 use whist_dbclient::{DbError, HasuraClient, ops};
 use whist_types::{Instance, InstanceStatus};
 
@@ -43,6 +46,34 @@ pub enum RegistrationError {
     },
     #[error("instance row left PRE_CONNECTION while registering (now {0})")]
     Raced(String),
+}
+
+/// How often a host that found no instance row looks again.
+const ROW_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// [`register`], waiting up to `wait` for the instance row to appear. The scaling-service inserts
+/// the row only after the cloud's launch call has returned, so a host that boots quickly (every
+/// host of the local fleet, a fast EC2 boot behind a slow database) can look before it exists.
+pub async fn register_waiting_for_row(
+    db: &HasuraClient,
+    identity: &HostIdentity,
+    host_commit: &str,
+    wait: Duration,
+) -> Result<Registration, RegistrationError> {
+    let deadline = Instant::now() + wait;
+    let mut logged = false;
+    loop {
+        match register(db, identity, host_commit).await {
+            Err(RegistrationError::NoRow(id)) if Instant::now() < deadline => {
+                if !logged {
+                    tracing::info!(instance.id = %id, ?wait, "no instance row yet; waiting for it");
+                    logged = true;
+                }
+                tokio::time::sleep(ROW_POLL_INTERVAL).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 pub async fn register(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Host, HostOptions, end_session, eventually};
 use host_service::Exit;
 use whist_dbclient::ops;
-use whist_types::{InstanceStatus, MandelboxStatus};
+use whist_types::{InstanceStatus, MandelboxStatus, NewInstance};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_without_sessions_removes_everything_then_powers_off() {
@@ -106,9 +106,53 @@ async fn registration_refuses_a_row_that_does_not_describe_this_host() {
         "a refused host changes nothing"
     );
 
-    host.options.extra_args = vec!["--instance-id".into(), common::unique("i-missing")];
+    host.options.extra_args = vec![
+        "--instance-id".into(),
+        common::unique("i-missing"),
+        "--registration-wait".into(),
+        "1".into(),
+    ];
     let exit = host.launch().await.expect_err("refused");
     assert!(matches!(exit, Exit::RegistrationRefused(ref m) if m.contains("no instance row")));
+}
+
+/// The scaling-service writes the row only after the cloud's launch call returns, so a host may
+/// look first: it waits for the row instead of giving up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_boots_before_its_row_exists_registers_once_it_appears() {
+    let mut host = Host::prepare(HostOptions::default()).await;
+    let row = host.instance().await.expect("row");
+    assert!(
+        host.db
+            .execute(&ops::delete_instance(&host.instance_id))
+            .await
+            .expect("delete row")
+    );
+    let db = host.db.clone();
+    let reinsert = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        db.execute(&ops::insert_instances(&[NewInstance {
+            id: row.id,
+            provider: row.provider,
+            region: row.region,
+            image_id: row.image_id,
+            client_sha: row.client_sha,
+            instance_type: row.instance_type,
+            remaining_capacity: row.remaining_capacity,
+            status: InstanceStatus::PreConnection,
+        }]))
+        .await
+        .expect("insert the row late");
+    });
+    host.launch().await.expect("registers once the row exists");
+    reinsert.await.expect("join");
+    assert_eq!(
+        host.instance().await.expect("row").status,
+        InstanceStatus::Active
+    );
+    host.wait_for_zygotes(HostOptions::default().capacity as usize)
+        .await;
+    assert_eq!(host.stop().await, Exit::Drained);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

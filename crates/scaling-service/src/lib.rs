@@ -180,6 +180,8 @@ async fn lead_while_elected(
 ) {
     loop {
         tokio::select! {
+            // Stopping wins over a lease that is still held, so a stop never starts a term.
+            biased;
             () = stop.cancelled() => return,
             changed = leader.wait_for(|leading| *leading) => if changed.is_err() { return },
         }

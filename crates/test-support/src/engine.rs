@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -67,6 +68,8 @@ pub struct EngineOptions {
     pub subscription_refresh_seconds: u64,
     /// Where the engine's output goes.
     pub log_file: PathBuf,
+    /// The loopback port to serve on; a free one when `None`.
+    pub port: Option<u16>,
 }
 
 /// A running engine. Dropping it stops the process.
@@ -78,9 +81,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine on a free loopback port and waits until it answers GraphQL.
+    /// Starts the engine on its loopback port (a free one unless the options name one) and
+    /// waits until it answers GraphQL.
     pub fn start(options: EngineOptions) -> anyhow::Result<Self> {
-        let port = free_port()?;
+        let port = match options.port {
+            Some(port) => port,
+            None => free_port()?,
+        };
         let mut engine = Self {
             options,
             port,
@@ -144,6 +151,8 @@ impl Engine {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            // Out of the terminal's process group, as Postgres is: its owner stops it in order.
+            .process_group(0)
             .spawn()
             .with_context(|| format!("start {}", self.options.binary.display()))?;
         let port = self.port;

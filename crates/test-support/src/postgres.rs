@@ -1,5 +1,6 @@
 //! A throwaway Postgres cluster on a loopback port.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -81,7 +82,10 @@ impl Postgres {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log);
+            .stderr(log)
+            // Its own process group: a Ctrl-C in the terminal goes to the program that owns the
+            // stack, which stops the database last, after everything that still writes to it.
+            .process_group(0);
         as_user(&mut server, user.as_ref());
         let child = server.spawn().context("start postgres")?;
         let mut postgres = Self {

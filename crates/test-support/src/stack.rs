@@ -1,5 +1,6 @@
 //! The whole local stack, and the per-process shared instance tests use.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -29,6 +30,8 @@ pub struct StackOptions {
     pub notify_triggers: bool,
     /// Apply `deploy/hasura/seeds` (a small local fleet configuration).
     pub seed: bool,
+    /// The engine's loopback port; a free one when `None`.
+    pub engine_port: Option<u16>,
 }
 
 impl Default for StackOptions {
@@ -38,6 +41,7 @@ impl Default for StackOptions {
             subscription_refresh_seconds: 1,
             notify_triggers: true,
             seed: false,
+            engine_port: None,
         }
     }
 }
@@ -106,6 +110,7 @@ impl StackInfo {
             names_json: engine_names_json(&tables),
             subscription_refresh_seconds: self.subscription_refresh_seconds,
             log_file,
+            port: None,
         })
     }
 
@@ -183,6 +188,7 @@ impl Stack {
             names_json: engine_names_json(&tables),
             subscription_refresh_seconds: options.subscription_refresh_seconds,
             log_file: dir.join("engine.log"),
+            port: options.engine_port,
         })?;
         let info = StackInfo {
             database_url: postgres.url("postgres"),
@@ -271,6 +277,8 @@ kill -KILL "$3" 2>/dev/null; rm -rf "$4""#;
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        // A Ctrl-C meant for the owner must not take the watchdog down before it has cleaned up.
+        .process_group(0)
         .spawn()
         .context("start the stack watchdog")
 }

@@ -24,6 +24,22 @@ pub fn mandelbox_by_id(id: MandelboxId) -> Operation<Option<Mandelbox>> {
     )
 }
 
+const MANDELBOXES: &str = concat!(
+    "query Mandelboxes { whist_mandelboxes(order_by: {created_at: asc}) { ",
+    mandelbox_fields!(),
+    " } }"
+);
+
+/// Every mandelbox of the fleet, oldest first.
+pub fn mandelboxes() -> Operation<Vec<Mandelbox>> {
+    Operation::new(
+        "Mandelboxes",
+        MANDELBOXES,
+        json!({}),
+        field("whist_mandelboxes"),
+    )
+}
+
 const MANDELBOXES_ON_INSTANCE: &str = concat!(
     "query MandelboxesOnInstance($instance_id: String!) { whist_mandelboxes(where: {instance_id: {_eq: $instance_id}}, order_by: {created_at: asc}) { ",
     mandelbox_fields!(),

@@ -1,4 +1,5 @@
-//! Cloud machines behind the [`HostHandler`] trait. Only `ec2.rs` imports the AWS SDK.
+//! Cloud machines behind the [`HostHandler`] trait: EC2 (`ec2.rs`, the only module that imports
+//! the AWS SDK) and host-service processes on this computer for development (`local.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
 pub mod ec2;
+pub mod local;
 
 /// Hosts to launch in one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
