@@ -3,13 +3,15 @@ CARGO ?= cargo
 STACK := $(CARGO) run --quiet -p whist-test-support --bin stack --
 
 BIN := $${CARGO_TARGET_DIR:-target}/debug
+# The scaling-service image the tests build and run.
+TEST_IMAGE := whist/scaling-service:test
 
-.PHONY: run stack session status test check lint fmt bench bench-dbclient bench-host bench-scaling bench-fleet engine postgres moto nextest clean
+.PHONY: run stack session status image check-deploy test check lint fmt bench bench-dbclient bench-host bench-scaling bench-fleet engine postgres moto nextest clean
 
 ## run: the whole fleet on this machine: stack, scaling-service, host-service processes and their mandelboxes; Ctrl-C stops it all
 run: engine postgres
 	$(CARGO) build --workspace --bins --quiet
-	$(BIN)/local-fleet
+	$(BIN)/local-fleet $(FLEET_ARGS)
 
 ## session: play one client session against the running local fleet (assign, config, ports and key, end)
 session:
@@ -24,9 +26,13 @@ stack: engine postgres
 	$(STACK) up
 
 ## test: format and lint checks, then every test tier against one shared local stack
-test: engine moto check nextest
+test: engine postgres moto check nextest
 	@# One workspace build, so the stack binary shares the tests' features and nothing rebuilds.
 	$(CARGO) build --workspace --all-targets --quiet
+	@# The scaling-service image the image test runs (a static binary: its own build, done here
+	@# rather than inside a test's time limit; quick when nothing changed).
+	WHIST_IMAGE_PROFILE=dev bash scripts/build-scaling-image.sh $(TEST_IMAGE) >/dev/null
+	bash scripts/check-deploy.sh
 	$${CARGO_TARGET_DIR:-target}/debug/stack exec -- $(CARGO) nextest run --workspace --no-fail-fast
 
 ## check: formatting and clippy, warnings are errors
@@ -34,8 +40,8 @@ check:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: print every benchmark's figures (database client, host-service on Docker, scaling-service)
-bench: bench-dbclient bench-host bench-scaling
+## bench: print every benchmark's figures (database client, host-service on Docker, scaling-service, local fleet)
+bench: bench-dbclient bench-host bench-scaling bench-fleet
 
 ## bench-dbclient: stack start-up, round trips, claims/s, live-query latency
 bench-dbclient: engine
@@ -54,6 +60,20 @@ bench-scaling: engine moto
 ## postgres: make sure PostgreSQL 15 is installed (apt as root; otherwise says what to run)
 postgres:
 	@bash scripts/install-postgres.sh
+
+## check-deploy: shellcheck, packer validate, systemd-analyze verify and compose config on deploy/
+check-deploy:
+	$(CARGO) build --quiet -p host-service --bin host-service
+	bash scripts/check-deploy.sh
+
+## image: the scaling-service container image (static release binary, CA bundle) as whist/scaling-service:local
+image:
+	bash scripts/build-scaling-image.sh whist/scaling-service:local
+
+## bench-fleet: make run → first assignable mandelbox (3 cold starts); assign → json_transport over 50 sessions
+bench-fleet: engine postgres
+	$(CARGO) build --workspace --bins --quiet
+	$(CARGO) run --quiet -p local-fleet --example fleet_bench
 
 ## engine: install the Hasura-dialect GraphQL engine once per machine (cached outside the repo)
 engine:

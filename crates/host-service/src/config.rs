@@ -463,4 +463,14 @@ mod tests {
         let config = parse(&["--local", "--instance-id", "i"]).expect("valid");
         assert_eq!(config.mandelbox.app_column(), "WHISTIUM");
     }
+
+    /// docs/operations.md is the operator's reference: every option and its variable are there.
+    #[test]
+    fn the_operations_guide_documents_every_option() {
+        whist_test_support::docs::assert_options_documented(
+            &<Args as clap::CommandFactory>::command(),
+            include_str!("../../../docs/operations.md"),
+            true,
+        );
+    }
 }

@@ -231,16 +231,17 @@ impl LocalFleet {
         drop(self.stack);
         remove_dir(&self.dir)?;
         Ok(StopReport {
-            hosts: launched.len(),
+            hosts: launched,
             containers_left: left,
         })
     }
 }
 
 /// What stopping the fleet found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StopReport {
-    pub hosts: usize,
+    /// Every host the fleet launched.
+    pub hosts: Vec<String>,
     pub containers_left: usize,
 }
 

@@ -141,8 +141,10 @@ async fn run(args: Args) -> Result<(), Failure> {
     println!("stopping the local fleet");
     let report = fleet.stop().await?;
     println!(
-        "stopped: {} host(s) shut down, {} container(s) left, files removed",
-        report.hosts, report.containers_left
+        "stopped: {} host(s) shut down ({}), {} container(s) left, files removed",
+        report.hosts.len(),
+        report.hosts.join(", "),
+        report.containers_left
     );
     Ok(())
 }
@@ -221,5 +223,19 @@ impl Signals {
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operations_guide_documents_every_option() {
+        whist_test_support::docs::assert_options_documented(
+            &<Args as clap::CommandFactory>::command(),
+            include_str!("../../../docs/operations.md"),
+            false,
+        );
     }
 }

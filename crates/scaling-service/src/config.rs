@@ -267,4 +267,14 @@ mod tests {
         assert!(parse(&["--lease-seconds", "0"]).is_err());
         assert!(parse(&["--assign-burst-per-user", "0"]).is_err());
     }
+
+    /// docs/operations.md is the operator's reference: every option and its variable are there.
+    #[test]
+    fn the_operations_guide_documents_every_option() {
+        whist_test_support::docs::assert_options_documented(
+            &<Args as clap::CommandFactory>::command(),
+            include_str!("../../../docs/operations.md"),
+            true,
+        );
+    }
 }

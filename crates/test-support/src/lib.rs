@@ -9,7 +9,9 @@
 
 pub mod bench;
 mod client;
+pub mod docs;
 mod engine;
+pub mod foreground;
 pub mod jwt;
 pub mod mandelbox_image;
 mod metadata;

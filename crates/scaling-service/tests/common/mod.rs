@@ -1,7 +1,7 @@
 //! A scaling-service under test: the real service in process against the shared stack, the EC2
 //! API from moto on loopback, and a token issuer on loopback. Each test works in its own regions.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::sync::Arc;
 use std::time::Duration;
