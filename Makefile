@@ -73,6 +73,8 @@ image:
 ## bench-fleet: make run → first assignable mandelbox (3 cold starts); assign → json_transport over 50 sessions
 bench-fleet: engine postgres
 	$(CARGO) build --workspace --bins --quiet
+	@# "Already built" includes the mandelbox image make run would otherwise build first.
+	bash scripts/build-reference-mandelbox.sh >/dev/null 2>&1
 	$(CARGO) run --quiet -p local-fleet --example fleet_bench
 
 ## engine: install the Hasura-dialect GraphQL engine once per machine (cached outside the repo)

@@ -35,8 +35,8 @@ fn client(api_port: u16, user: &str) -> anyhow::Result<Client> {
     })?)
 }
 
-/// Starts a session, retrying while the fleet has no free mandelbox (a replacement is starting);
-/// returns it with the number of refusals before it.
+/// Starts a session, retrying while the fleet has no free mandelbox (a replacement is starting)
+/// at a pace the per-user rate limit allows; returns it with the number of refusals before it.
 async fn session_when_free(client: &Client) -> anyhow::Result<(session::ReadySession, u32)> {
     let mut refused = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -48,7 +48,13 @@ async fn session_when_free(client: &Client) -> anyhow::Result<(session::ReadySes
                     anyhow::bail!("assign refused: {code}");
                 }
                 refused += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(SessionError::Status { status, .. })
+                if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(error) => return Err(error.into()),
         }

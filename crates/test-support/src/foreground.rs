@@ -21,8 +21,14 @@ pub struct ForegroundJob {
 }
 
 impl ForegroundJob {
-    /// Starts `command` with its stdout piped (stderr is discarded).
+    /// Starts `command` with its stdout piped (stderr is discarded), in the environment a
+    /// developer's shell would give it.
     pub fn start(mut command: Command) -> anyhow::Result<Self> {
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(set_by_cargo_for_its_child) {
+                command.env_remove(&name);
+            }
+        }
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -99,6 +105,25 @@ impl ForegroundJob {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Variables cargo (and nextest) set for the program they run, describing that program's package.
+/// A cargo build nested under such a program would see them, and build scripts that watch them
+/// (`ring` watches `CARGO_PKG_NAME`) would rerun: every nested build would then rebuild half the
+/// workspace, and the next plain build rebuild it back.
+fn set_by_cargo_for_its_child(name: &str) -> bool {
+    name == "CARGO"
+        || name == "OUT_DIR"
+        || [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_BIN_",
+            "CARGO_CRATE_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+        || name == "CARGO_TARGET_TMPDIR"
 }
 
 impl Drop for ForegroundJob {
