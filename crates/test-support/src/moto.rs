@@ -68,6 +68,19 @@ impl Moto {
     /// Installs moto if needed, starts it on a free loopback port and waits until it answers.
     pub fn start() -> anyhow::Result<Self> {
         let binary = moto_binary()?;
+        // A port free a moment ago can be taken by another process before moto binds it (the
+        // tests start many servers at once): try again on another.
+        let mut attempts = 3;
+        loop {
+            attempts -= 1;
+            match Self::start_on(&binary, free_port()?) {
+                Err(error) if attempts > 0 && format!("{error:#}").contains("in use") => {}
+                result => return result,
+            }
+        }
+    }
+
+    fn start_on(binary: &Path, port: u16) -> anyhow::Result<Self> {
         static STARTED: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "whist-moto-{}-{}",
@@ -78,8 +91,7 @@ impl Moto {
         let log_path = dir.join("moto.log");
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("create {}", log_path.display()))?;
-        let port = free_port()?;
-        let mut child = Command::new(&binary)
+        let mut child = Command::new(binary)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
