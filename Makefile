@@ -11,7 +11,7 @@ TEST_IMAGE := whist/scaling-service:test
 ## run: the whole fleet on this machine: stack, scaling-service, host-service processes and their mandelboxes; Ctrl-C stops it all
 run: engine postgres
 	$(CARGO) build --workspace --bins --quiet
-	$(BIN)/local-fleet $(FLEET_ARGS)
+	@$(BIN)/local-fleet $(FLEET_ARGS)
 
 ## session: play one client session against the running local fleet (assign, config, ports and key, end)
 session:
