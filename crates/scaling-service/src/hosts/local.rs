@@ -5,7 +5,7 @@
 //! assign and `json_transport` paths are the ones a real fleet takes. Hosts register through the
 //! normal PRE_CONNECTION → ACTIVE path. Terminating a host sends SIGTERM (the host drains, as
 //! an EC2 shutdown would make it) and SIGKILL after [`LocalHostsOptions::stop_timeout`]; once the
-//! process is gone, [`LocalHostsOptions::on_exit`] removes whatever the "machine" left behind
+//! process has exited, [`LocalHostsOptions::on_exit`] removes whatever the "machine" left behind
 //! (its containers), so an exit has the same effect as a machine vanishing.
 
 use std::collections::{BTreeMap, HashMap};
@@ -84,23 +84,32 @@ impl LocalHost {
     }
 }
 
+/// Where a host process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    Running,
+    /// The process has exited (its pid may already belong to another process); its leftovers
+    /// are being removed.
+    Exited,
+    /// Exited and cleaned up: the "machine" is terminated.
+    Gone,
+}
+
 #[derive(Debug)]
 struct Tracked {
     host: LocalHost,
     /// SIGTERM has been sent.
     stopping: bool,
-    /// `true` once the process has exited and its leftovers are removed.
-    gone: watch::Receiver<bool>,
+    life: watch::Receiver<Life>,
 }
 
 impl Tracked {
     fn state(&self) -> CloudState {
-        if *self.gone.borrow() {
-            CloudState::Terminated
-        } else if self.stopping {
-            CloudState::ShuttingDown
-        } else {
-            CloudState::Running
+        match *self.life.borrow() {
+            Life::Gone => CloudState::Terminated,
+            Life::Exited => CloudState::ShuttingDown,
+            Life::Running if self.stopping => CloudState::ShuttingDown,
+            Life::Running => CloudState::Running,
         }
     }
 
@@ -140,7 +149,7 @@ impl LocalHosts {
         self.lock()
             .hosts
             .values()
-            .filter(|tracked| !*tracked.gone.borrow())
+            .filter(|tracked| *tracked.life.borrow() != Life::Gone)
             .map(|tracked| tracked.host.clone())
             .collect()
     }
@@ -168,8 +177,8 @@ impl LocalHosts {
             let _ = self.terminate(region, std::slice::from_ref(id)).await;
         }
         let waits = ids.iter().filter_map(|(_, id)| {
-            let gone = self.lock().hosts.get(id)?.gone.clone();
-            Some(wait_until_gone(gone))
+            let life = self.lock().hosts.get(id)?.life.clone();
+            Some(wait_until_gone(life))
         });
         futures::future::join_all(waits).await;
     }
@@ -252,12 +261,13 @@ impl LocalHosts {
             ))
         })?;
         let pid = child.id().unwrap_or_default();
-        let (gone_tx, gone) = watch::channel(false);
+        let (life_tx, life) = watch::channel(Life::Running);
         let on_exit = self.options.on_exit.clone();
         let host_id = id.to_owned();
         let data = [dir.join("whist"), dir.join("temp")];
         tokio::spawn(async move {
             let status = child.wait().await;
+            let _ = life_tx.send(Life::Exited);
             tracing::info!(instance.id = %host_id, ?status, "local host exited");
             if let Some(on_exit) = on_exit {
                 on_exit(host_id.clone()).await;
@@ -269,7 +279,7 @@ impl LocalHosts {
                     tracing::warn!(instance.id = %host_id, dir = %dir.display(), %error, "remove a local host's files");
                 }
             }
-            let _ = gone_tx.send(true);
+            let _ = life_tx.send(Life::Gone);
         });
         tracing::info!(instance.id = %id, %address, pid, "started a local host");
         Ok(Tracked {
@@ -288,30 +298,31 @@ impl LocalHosts {
                 pid,
             },
             stopping: false,
-            gone,
+            life,
         })
     }
 
-    /// Sends SIGTERM now and SIGKILL after the stop timeout, unless the process is gone.
+    /// Sends SIGTERM now and SIGKILL after the stop timeout, unless the process has exited (a
+    /// signal must never reach a process that reused its pid).
     fn stop(&self, id: &str) {
         let mut state = self.lock();
         let Some(tracked) = state.hosts.get_mut(id) else {
             return;
         };
-        if tracked.stopping || *tracked.gone.borrow() {
+        if tracked.stopping || *tracked.life.borrow() != Life::Running {
             return;
         }
         tracked.stopping = true;
         let pid = Pid::from_raw(tracked.host.pid as i32);
-        let gone = tracked.gone.clone();
+        let life = tracked.life.clone();
         let timeout = self.options.stop_timeout;
         let _ = kill(pid, Signal::SIGTERM);
         let id = id.to_owned();
         tokio::spawn(async move {
-            if tokio::time::timeout(timeout, wait_until_gone(gone.clone()))
+            if tokio::time::timeout(timeout, wait_until_exited(life.clone()))
                 .await
                 .is_err()
-                && !*gone.borrow()
+                && *life.borrow() == Life::Running
             {
                 tracing::warn!(instance.id = %id, ?timeout, "local host did not stop; killing it");
                 let _ = kill(pid, Signal::SIGKILL);
@@ -349,8 +360,12 @@ impl LocalHosts {
     }
 }
 
-async fn wait_until_gone(mut gone: watch::Receiver<bool>) {
-    let _ = gone.wait_for(|gone| *gone).await;
+async fn wait_until_gone(mut life: watch::Receiver<Life>) {
+    let _ = life.wait_for(|life| *life == Life::Gone).await;
+}
+
+async fn wait_until_exited(mut life: watch::Receiver<Life>) {
+    let _ = life.wait_for(|life| *life != Life::Running).await;
 }
 
 /// The `n`th address after `first`, staying inside 127.0.0.0/8 and off its broadcast address.
