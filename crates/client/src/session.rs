@@ -134,20 +134,9 @@ impl Client {
         if let Identity::User(user) = &self.options.identity {
             body["user_id"] = json!(user);
         }
-        let response = self
-            .request(reqwest::Method::POST, "mandelbox/assign")
-            .json(&body)
-            .send()
-            .await
-            .map_err(|source| SessionError::Http {
-                step: "assign",
-                source,
-            })?;
-        let status = response.status();
-        let text = response.text().await.map_err(|source| SessionError::Http {
-            step: "assign",
-            source,
-        })?;
+        let (status, text) = self
+            .send("assign", reqwest::Method::POST, "mandelbox/assign", &body)
+            .await?;
         match serde_json::from_str::<Reply>(&text) {
             Ok(reply) if status.is_success() && reply.error.is_empty() => {
                 let ip = reply.ip.parse().map_err(|_| {
@@ -179,20 +168,14 @@ impl Client {
             "json_data": self.options.config.to_string(),
             "ip": assignment.ip.to_string(),
         });
-        let response = self
-            .request(reqwest::Method::PUT, "json_transport")
-            .json(&body)
-            .send()
-            .await
-            .map_err(|source| SessionError::Http {
-                step: "json_transport",
-                source,
-            })?;
-        let status = response.status();
-        let text = response.text().await.map_err(|source| SessionError::Http {
-            step: "json_transport",
-            source,
-        })?;
+        let (status, text) = self
+            .send(
+                "json_transport",
+                reqwest::Method::PUT,
+                "json_transport",
+                &body,
+            )
+            .await?;
         match serde_json::from_str::<Reply>(&text) {
             Ok(reply) if status.is_success() => Ok(reply.result),
             _ => Err(SessionError::Status {
@@ -203,14 +186,26 @@ impl Client {
         }
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// Sends `body` as JSON to `path` under the scaling-service, as the caller; returns the
+    /// status and the body's text. `step` names the call in errors.
+    async fn send(
+        &self,
+        step: &'static str,
+        method: reqwest::Method,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(reqwest::StatusCode, String), SessionError> {
         let mut url = self.options.scaling_url.clone();
         url.set_path(&format!("{}/{path}", url.path().trim_end_matches('/')));
-        let request = self.http.request(method, url);
-        match &self.options.identity {
-            Identity::Token(token) => request.bearer_auth(token),
-            Identity::User(_) => request,
+        let mut request = self.http.request(method, url).json(body);
+        if let Identity::Token(token) = &self.options.identity {
+            request = request.bearer_auth(token);
         }
+        let http = |source| SessionError::Http { step, source };
+        let response = request.send().await.map_err(http)?;
+        let status = response.status();
+        let text = response.text().await.map_err(http)?;
+        Ok((status, text))
     }
 }
 

@@ -124,7 +124,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         dir: std::env::temp_dir().join(format!("whist-local-fleet-{}", std::process::id())),
     };
 
-    let signals = Signals::listen()?;
+    let mut signals = Signals::listen()?;
     let fleet = LocalFleet::start(&options, docker).await?;
     let ready = tokio::select! {
         ready = fleet.wait_until_assignable(Duration::from_secs(args.ready_timeout)) => Some(ready),
@@ -203,25 +203,23 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 
 /// SIGINT and SIGTERM, listened for from the start so an early Ctrl-C still cleans up.
 struct Signals {
-    interrupt: tokio::sync::Mutex<tokio::signal::unix::Signal>,
-    terminate: tokio::sync::Mutex<tokio::signal::unix::Signal>,
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
 }
 
 impl Signals {
     fn listen() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
-            interrupt: tokio::sync::Mutex::new(signal(SignalKind::interrupt())?),
-            terminate: tokio::sync::Mutex::new(signal(SignalKind::terminate())?),
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
         })
     }
 
-    async fn received(&self) {
-        let mut interrupt = self.interrupt.lock().await;
-        let mut terminate = self.terminate.lock().await;
+    async fn received(&mut self) {
         tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
     }
 }

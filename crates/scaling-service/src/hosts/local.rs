@@ -126,7 +126,6 @@ struct State {
     hosts: BTreeMap<String, Tracked>,
     /// Launch idempotency: the hosts each client token launched.
     launches: HashMap<String, Vec<String>>,
-    launched: u32,
 }
 
 /// The [`HostHandler`] of the local fleet.
@@ -162,25 +161,16 @@ impl LocalHosts {
     /// Terminates every host and waits until all are gone (drained or killed, leftovers
     /// removed). Used when the local fleet stops.
     pub async fn stop_all(&self) {
-        let ids: Vec<(String, String)> = self
+        let lives: Vec<(String, watch::Receiver<Life>)> = self
             .lock()
             .hosts
-            .values()
-            .map(|tracked| {
-                (
-                    tracked.host.cloud.region.clone(),
-                    tracked.host.cloud.id.clone(),
-                )
-            })
+            .iter()
+            .map(|(id, tracked)| (id.clone(), tracked.life.clone()))
             .collect();
-        for (region, id) in &ids {
-            let _ = self.terminate(region, std::slice::from_ref(id)).await;
+        for (id, _) in &lives {
+            self.stop(id);
         }
-        let waits = ids.iter().filter_map(|(_, id)| {
-            let life = self.lock().hosts.get(id)?.life.clone();
-            Some(wait_until_gone(life))
-        });
-        futures::future::join_all(waits).await;
+        futures::future::join_all(lives.into_iter().map(|(_, life)| wait_until_gone(life))).await;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -200,13 +190,13 @@ impl LocalHosts {
         }
         let mut launched = Vec::new();
         for _ in 0..request.count {
-            let number = state.launched;
+            // Hosts are never forgotten, so their count numbers the next one's address.
+            let number = u32::try_from(state.hosts.len()).unwrap_or(u32::MAX);
             let address = nth_address(self.options.first_address, number).ok_or_else(|| {
                 HostError::Refused("the local fleet ran out of loopback addresses".into())
             })?;
             let id = format!("local-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
             let tracked = self.spawn(request, &id, address)?;
-            state.launched += 1;
             launched.push(tracked.snapshot());
             state.hosts.insert(id, tracked);
         }
