@@ -61,6 +61,16 @@ impl LocalFleet {
     pub async fn start(options: &FleetOptions, docker: DockerRuntime) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.dir)
             .with_context(|| format!("create {}", options.dir.display()))?;
+        // Nothing has launched a host before the last step, so a failure leaves only the
+        // directory (the stack removes its own).
+        let started = Self::start_in_dir(options, docker).await;
+        if started.is_err() {
+            let _ = remove_dir(&options.dir);
+        }
+        started
+    }
+
+    async fn start_in_dir(options: &FleetOptions, docker: DockerRuntime) -> anyhow::Result<Self> {
         if !options.host_binary.is_file() {
             anyhow::bail!(
                 "the host-service binary {} does not exist; build it with `cargo build -p host-service` \
