@@ -167,6 +167,8 @@ mod tests {
             status,
             created_at: Utc::now(),
             updated_at: Utc::now(),
+            fleet: None,
+            heartbeat_at: Utc::now(),
         }
     }
 

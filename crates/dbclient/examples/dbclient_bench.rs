@@ -132,6 +132,7 @@ async fn fleet(
             instance_type: "g4dn.12xlarge".into(),
             remaining_capacity: capacity,
             status: InstanceStatus::Active,
+            fleet: None,
         })
         .collect();
     client

@@ -29,6 +29,13 @@ pub enum DbError {
         operation: &'static str,
         message: String,
     },
+    /// A leader's write was refused because its lease moved on (`lease_lost`): another replica
+    /// leads now, and nothing of the write landed.
+    #[error("{operation}: refused, the leader lease was lost: {message}")]
+    Fenced {
+        operation: &'static str,
+        message: String,
+    },
     /// The engine rejected the document or its variables.
     #[error("{operation}: request rejected as invalid: {message}")]
     Validation {
@@ -71,6 +78,11 @@ pub(crate) struct GraphqlErrorExtensions {
     pub code: Option<String>,
 }
 
+/// The tag the lease fence's refusal starts with (see the fleet-safety migration).
+const FENCE_TAG: &str = "lease_lost";
+/// How Hasura prefixes the message of a CHECK violation.
+const CHECK_VIOLATION_PREFIX: &str = "Check constraint violation.";
+
 impl DbError {
     /// Classifies a non-empty `errors` array by its first entry's `extensions.code`.
     pub(crate) fn from_graphql_errors(operation: &'static str, errors: &[GraphqlError]) -> Self {
@@ -89,8 +101,18 @@ impl DbError {
             .extensions
             .as_ref()
             .and_then(|extensions| extensions.code.clone());
+        // The fence's refusal is told apart by its tag, whatever code the engine files it under.
+        if message.contains(FENCE_TAG) {
+            return Self::Fenced { operation, message };
+        }
         match code.as_deref() {
             Some("constraint-violation") => Self::ConstraintViolation { operation, message },
+            // Hasura files CHECK violations (SQLSTATE 23514, which the triggers raise) as
+            // permission errors with this prefix (its `mkTxErrorHandler`); the local engine
+            // calls them constraint violations.
+            Some("permission-error") if message.contains(CHECK_VIOLATION_PREFIX) => {
+                Self::ConstraintViolation { operation, message }
+            }
             Some(
                 "validation-failed" | "parse-failed" | "bad-request" | "invalid-params"
                 | "not-supported" | "data-exception",
@@ -113,6 +135,7 @@ impl DbError {
             Self::Transport { operation, .. }
             | Self::HttpStatus { operation, .. }
             | Self::ConstraintViolation { operation, .. }
+            | Self::Fenced { operation, .. }
             | Self::Validation { operation, .. }
             | Self::AccessDenied { operation, .. }
             | Self::Graphql { operation, .. }
@@ -159,6 +182,42 @@ mod tests {
             );
             assert_eq!(error.operation(), "Op");
         }
+    }
+
+    /// The fence's refusal as both engines report it: the local engine's `constraint-violation`,
+    /// and Hasura's `permission-error` with its check-violation prefix.
+    #[test]
+    fn a_lost_lease_is_fenced_on_either_engine() {
+        let message = "lease_lost: replica-a does not hold lease scaling in generation 3";
+        for envelope in [
+            serde_json::json!([{"message": message, "extensions": {"code": "constraint-violation", "path": "$"}}]),
+            serde_json::json!([{"message": format!("Check constraint violation. {message}"), "extensions": {"code": "permission-error", "path": "$"}}]),
+        ] {
+            let error = DbError::from_graphql_errors("Op", &errors(envelope));
+            assert!(matches!(error, DbError::Fenced { .. }), "{error:?}");
+            assert!(!error.is_transient());
+        }
+    }
+
+    /// Hasura reports the triggers' refusals (SQLSTATE 23514) as `permission-error` with this
+    /// prefix; they are the same constraint violations the local engine reports.
+    #[test]
+    fn hasura_check_violations_are_constraint_violations() {
+        let envelope = serde_json::json!([{
+            "message": "Check constraint violation. instance_not_accepting: instance i-1 is DRAINING",
+            "extensions": {"code": "permission-error", "path": "$.selectionSet.update_whist_mandelboxes.args"}
+        }]);
+        let error = DbError::from_graphql_errors("Op", &errors(envelope));
+        assert!(
+            matches!(&error, DbError::ConstraintViolation { message, .. } if message.contains("instance_not_accepting")),
+            "{error:?}"
+        );
+        // A real permission problem stays one.
+        let envelope = serde_json::json!([{"message": "field not found", "extensions": {"code": "permission-error"}}]);
+        assert!(matches!(
+            DbError::from_graphql_errors("Op", &errors(envelope)),
+            DbError::Graphql { .. }
+        ));
     }
 
     #[test]

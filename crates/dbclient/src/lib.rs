@@ -17,4 +17,4 @@ pub use claim::ClaimOutcome;
 pub use client::{HasuraClient, HasuraConfig};
 pub use error::DbError;
 pub use live::{ConnectionState, Keyed, LiveOptions, LiveQuery, Snapshot, Subscription};
-pub use operation::Operation;
+pub use operation::{Fence, Operation};

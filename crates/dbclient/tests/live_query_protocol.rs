@@ -231,7 +231,8 @@ fn instance_json(n: usize) -> Value {
         "id": format!("i-{n}"), "provider": "AWS", "region": "us-east-1", "image_id": "ami-1",
         "client_sha": "abc", "ip_addr": "10.0.0.1", "instance_type": "g4dn.2xlarge",
         "remaining_capacity": 2, "status": "ACTIVE",
-        "created_at": "2026-11-23T00:00:00+00:00", "updated_at": "2026-11-23T00:00:00+00:00"
+        "created_at": "2026-11-23T00:00:00+00:00", "updated_at": "2026-11-23T00:00:00+00:00",
+        "fleet": "whist-test", "heartbeat_at": "2026-11-23T00:00:00+00:00"
     })
 }
 

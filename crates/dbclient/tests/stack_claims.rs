@@ -156,7 +156,11 @@ async fn claims_racing_a_drain_never_leave_a_session_on_a_draining_host() {
             let client = client.clone();
             tokio::spawn(async move {
                 client
-                    .execute(&ops::instances::drain_idle_instance(&instance, 3))
+                    .execute(&ops::instances::drain_idle_instance(
+                        &instance,
+                        3,
+                        common::FLEET,
+                    ))
                     .await
             })
         };

@@ -169,12 +169,20 @@ async fn draining_an_idle_instance_is_refused_once_someone_is_assigned() {
     assert!(matches!(claimed, ClaimOutcome::Claimed(_)));
 
     let busy = client
-        .execute(&ops::instances::drain_idle_instance(&instances[0], 2))
+        .execute(&ops::instances::drain_idle_instance(
+            &instances[0],
+            2,
+            common::FLEET,
+        ))
         .await
         .expect("drain");
     assert_eq!(busy, None, "an instance with a session is never drained");
     let idle = client
-        .execute(&ops::instances::drain_idle_instance(&instances[1], 2))
+        .execute(&ops::instances::drain_idle_instance(
+            &instances[1],
+            2,
+            common::FLEET,
+        ))
         .await
         .expect("drain");
     assert_eq!(
@@ -598,47 +606,4 @@ async fn an_upgrade_is_requested_once_per_region_and_swaps_atomically() {
         .await
         .expect("list");
     assert!(!in_progress.iter().any(|u| u.region == region));
-}
-
-#[tokio::test]
-async fn a_lease_has_one_holder_until_it_expires() {
-    let client = client();
-    let name = "scaling";
-    // Other tests in this binary do not use the lease; make it free first.
-    whist_test_support::shared()
-        .sql("UPDATE config.leases SET holder = NULL, expires_at = 'epoch' WHERE name = 'scaling'")
-        .expect("reset");
-    let now = Utc::now();
-    let later = now + chrono::Duration::seconds(30);
-    let a = client
-        .execute(&ops::acquire_lease(name, "replica-a", now, later))
-        .await
-        .expect("acquire");
-    assert_eq!(a.and_then(|l| l.holder).as_deref(), Some("replica-a"));
-    let b = client
-        .execute(&ops::acquire_lease(name, "replica-b", now, later))
-        .await
-        .expect("acquire");
-    assert_eq!(b, None, "held by a");
-    let renewed = client
-        .execute(&ops::acquire_lease(name, "replica-a", now, later))
-        .await
-        .expect("renew");
-    assert!(renewed.is_some(), "the holder renews");
-    let after_expiry = later + chrono::Duration::seconds(1);
-    let taken = client
-        .execute(&ops::acquire_lease(
-            name,
-            "replica-b",
-            after_expiry,
-            after_expiry + chrono::Duration::seconds(30),
-        ))
-        .await
-        .expect("take over");
-    assert_eq!(taken.and_then(|l| l.holder).as_deref(), Some("replica-b"));
-    let released = client
-        .execute(&ops::release_lease(name, "replica-b"))
-        .await
-        .expect("release");
-    assert!(released.is_some());
 }

@@ -457,6 +457,7 @@ async fn insert_instance(db: &HasuraClient, capacity: i32) -> anyhow::Result<Str
         instance_type: "g4dn.12xlarge".into(),
         remaining_capacity: capacity,
         status: InstanceStatus::PreConnection,
+        fleet: None,
     }]))
     .await?;
     Ok(id)

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use url::Url;
-use whist_types::Environment;
-
 use whist_auth::JwtConfig;
+use whist_service_config::{AuthRuleError, SharedArgs};
+use whist_types::Environment;
 
 /// The commit this binary was built from; registration requires the instance row's `client_sha`
 /// to be a prefix of it. Local builds call themselves `local_dev`, which the seed data matches.
@@ -24,10 +24,10 @@ pub const BUILD_COMMIT: &str = match option_env!("WHIST_GIT_COMMIT") {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "host-service", version, about, args_override_self = true)]
 pub struct Args {
-    /// Deployment environment: local, dev, staging or prod. Passed into every mandelbox as
-    /// `SENTRY_ENV` and decides the power-off default.
-    #[arg(long, env = "APP_ENV", default_value = "local")]
-    pub environment: Environment,
+    /// Environment (passed into every mandelbox as `SENTRY_ENV`; it also decides the power-off
+    /// default), database and caller authentication, shared with the scaling-service.
+    #[command(flatten)]
+    pub shared: SharedArgs,
 
     /// Take this host's identity from the `--instance-*` options instead of the cloud metadata
     /// service. Nothing is fetched from the network that was not configured explicitly.
@@ -65,22 +65,6 @@ pub struct Args {
     /// The commit this host runs; the instance row's `client_sha` must be a prefix of it.
     #[arg(long, env = "WHIST_HOST_COMMIT", default_value = BUILD_COMMIT)]
     pub host_commit: String,
-
-    /// Hasura's GraphQL HTTP endpoint.
-    #[arg(
-        long,
-        env = "HASURA_URL",
-        default_value = "http://127.0.0.1:8080/v1/graphql"
-    )]
-    pub hasura_url: Url,
-
-    /// Hasura's websocket endpoint for live queries; derived from `--hasura-url` when absent.
-    #[arg(long, env = "HASURA_WEBSOCKET_URL")]
-    pub hasura_websocket_url: Option<Url>,
-
-    /// Hasura's admin secret.
-    #[arg(long, env = "HASURA_ADMIN_SECRET", hide_env_values = true)]
-    pub hasura_admin_secret: Option<String>,
 
     /// The Docker engine's unix socket.
     #[arg(
@@ -166,23 +150,6 @@ pub struct Args {
     #[arg(long, env = "WHIST_OPS_LISTEN", default_value = "0.0.0.0:4679")]
     pub ops_listen: SocketAddr,
 
-    /// Issuer of the clients' JWTs (its JWKS is `<issuer>.well-known/jwks.json`). Required
-    /// outside local mode; without it tokens are not checked.
-    #[arg(long, env = "WHIST_AUTH_ISSUER")]
-    pub auth_issuer: Option<Url>,
-
-    /// Audience the clients' JWTs must carry.
-    #[arg(
-        long,
-        env = "WHIST_AUTH_AUDIENCE",
-        default_value = "https://api.fractal.co"
-    )]
-    pub auth_audience: String,
-
-    /// JWKS location when it is not under the issuer.
-    #[arg(long, env = "WHIST_AUTH_JWKS_URL")]
-    pub auth_jwks_url: Option<Url>,
-
     /// Seconds to wait at start-up for this host's instance row, which the scaling-service
     /// writes right after launching the machine.
     #[arg(long, env = "WHIST_REGISTRATION_WAIT", default_value_t = 60)]
@@ -239,7 +206,7 @@ pub struct Config {
     pub gpu: bool,
     pub listen: SocketAddr,
     pub ops_listen: SocketAddr,
-    /// `None` only in local mode: tokens are then not checked.
+    /// `None` only in the local environment on loopback: tokens are then not checked.
     pub auth: Option<JwtConfig>,
     pub timeouts: Timeouts,
     pub power_off_command: Option<Vec<String>>,
@@ -286,8 +253,8 @@ pub struct Timeouts {
 /// A configuration that parses but cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--auth-issuer is required outside local mode")]
-    MissingAuthIssuer,
+    #[error(transparent)]
+    Auth(#[from] AuthRuleError),
     #[error("--instance-id is required in local mode")]
     MissingInstanceId,
     #[error("--mandelbox-app must not be empty")]
@@ -324,27 +291,23 @@ impl Args {
         } else {
             IdentitySource::Imds(self.imds_endpoint)
         };
-        let auth = match self.auth_issuer {
-            Some(issuer) => Some(JwtConfig {
-                jwks_url: self.auth_jwks_url,
-                ..JwtConfig::new(issuer, self.auth_audience)
-            }),
-            None if self.local => None,
-            None => return Err(ConfigError::MissingAuthIssuer),
-        };
+        // `json_transport` is the callers' endpoint; health and metrics are the operator's.
+        let auth = self
+            .shared
+            .caller_auth(&[("--listen", self.listen)])?
+            .jwt()
+            .cloned();
+        let environment = self.shared.environment;
         let power_off_command = match self.power_off_command {
             Some(command) => split_command(&command),
-            None if self.environment == Environment::Local => None,
+            None if environment == Environment::Local => None,
             None => split_command("shutdown now"),
         };
-        let mut hasura =
-            whist_dbclient::HasuraConfig::new(self.hasura_url, self.hasura_admin_secret);
-        hasura.websocket_url = self.hasura_websocket_url;
         Ok(Config {
-            environment: self.environment,
+            environment,
             identity,
             host_commit: self.host_commit,
-            hasura,
+            hasura: self.shared.hasura(),
             docker_socket: self.docker_socket,
             mandelbox: MandelboxConfig {
                 image: self.mandelbox_image,
@@ -392,9 +355,15 @@ mod tests {
         args.validate().map_err(|error| error.to_string())
     }
 
+    /// The local environment with `json_transport` on loopback, so tokens may go unchecked.
+    fn local(extra: &[&str]) -> Result<Config, String> {
+        let base = ["--environment", "local", "--listen", "127.0.0.1:4678"];
+        parse(&[&base[..], extra].concat())
+    }
+
     #[test]
     fn local_mode_takes_its_identity_from_options() {
-        let config = parse(&[
+        let config = local(&[
             "--local",
             "--instance-id",
             "i-local",
@@ -413,7 +382,25 @@ mod tests {
 
     #[test]
     fn local_mode_needs_an_instance_id() {
-        assert!(parse(&["--local"]).is_err());
+        assert!(local(&["--local"]).is_err());
+    }
+
+    #[test]
+    fn the_environment_must_be_named() {
+        let error = parse(&["--local", "--instance-id", "i"]).expect_err("no environment");
+        assert!(error.contains("--environment"), "{error}");
+    }
+
+    /// Taking the identity from options (`--local`) says nothing about callers: only the local
+    /// environment on loopback runs without tokens.
+    #[test]
+    fn local_identity_never_switches_tokens_off() {
+        let error = parse(&["--environment", "dev", "--local", "--instance-id", "i"])
+            .expect_err("dev needs an issuer");
+        assert!(error.contains("--auth-issuer"), "{error}");
+        let error = parse(&["--environment", "local", "--local", "--instance-id", "i"])
+            .expect_err("0.0.0.0 by default");
+        assert!(error.contains("--listen is 0.0.0.0:4678"), "{error}");
     }
 
     #[test]
@@ -447,20 +434,20 @@ mod tests {
     #[test]
     fn negative_protocol_timeout_means_forever() {
         let config =
-            parse(&["--local", "--instance-id", "i", "--protocol-timeout", "-1"]).expect("valid");
+            local(&["--local", "--instance-id", "i", "--protocol-timeout", "-1"]).expect("valid");
         assert_eq!(config.mandelbox.protocol_timeout, -1);
     }
 
     #[test]
     fn zero_durations_are_refused() {
         let error =
-            parse(&["--local", "--instance-id", "i", "--ready-timeout", "0"]).expect_err("zero");
+            local(&["--local", "--instance-id", "i", "--ready-timeout", "0"]).expect_err("zero");
         assert!(error.contains("ready-timeout"), "{error}");
     }
 
     #[test]
     fn the_app_column_is_the_upper_cased_last_segment() {
-        let config = parse(&["--local", "--instance-id", "i"]).expect("valid");
+        let config = local(&["--local", "--instance-id", "i"]).expect("valid");
         assert_eq!(config.mandelbox.app_column(), "WHISTIUM");
     }
 

@@ -174,6 +174,8 @@ mod tests {
             status: InstanceStatus::PreConnection,
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
+            fleet: None,
+            heartbeat_at: chrono::Utc::now(),
         }
     }
 

@@ -140,6 +140,7 @@ async fn a_host_that_boots_before_its_row_exists_registers_once_it_appears() {
             instance_type: row.instance_type,
             remaining_capacity: row.remaining_capacity,
             status: InstanceStatus::PreConnection,
+            fleet: None,
         }]))
         .await
         .expect("insert the row late");

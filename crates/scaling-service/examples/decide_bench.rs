@@ -133,6 +133,7 @@ fn region(rng: &mut fastrand::Rng, n: usize, now: DateTime<Utc>) -> RegionSnapsh
                     now - minutes(rng.i64(20..600))
                 },
                 heartbeat_at,
+                owned: true,
                 idle_since: (remaining >= full).then(|| now - seconds(rng.i64(0..3600))),
             }
         })
@@ -142,6 +143,7 @@ fn region(rng: &mut fastrand::Rng, n: usize, now: DateTime<Utc>) -> RegionSnapsh
         enabled: !(n == 17 || n == 41),
         desired_free: rng.u32(10..60),
         instance_types: types.iter().map(|&t| t.to_owned()).collect(),
+        unavailable_types: Vec::new(),
         current_image: Some(image("ami-current", "sha-current")),
         upgrade,
         published_client_sha: Some(

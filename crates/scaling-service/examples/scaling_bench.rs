@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use scaling_service::config::Args;
 use scaling_service::hosts::ec2::{Ec2Hosts, Ec2Options};
-use scaling_service::hosts::{CloudHost, HostError, HostHandler, LaunchRequest};
+use scaling_service::hosts::{CloudHost, Described, HostError, HostHandler, LaunchRequest};
 use scaling_service::{Running, StartOptions};
 use whist_dbclient::{HasuraClient, ops};
 use whist_test_support::bench::summary;
@@ -218,6 +218,7 @@ async fn fleet(
             instance_type: "g4dn.12xlarge".into(),
             remaining_capacity: boxes as i32,
             status: InstanceStatus::PreConnection,
+            fleet: Some("whist-local".into()),
         })
         .collect();
     db.execute(&ops::insert_instances(&instances)).await?;
@@ -259,6 +260,7 @@ async fn fleet_with_target(
         instance_type: "g4dn.2xlarge".into(),
         remaining_capacity: target,
         status: InstanceStatus::PreConnection,
+        fleet: Some("whist-local".into()),
     }]))
     .await?;
     db.execute(&ops::register_instance(&id, "127.0.0.1", "bench-sha"))
@@ -469,5 +471,13 @@ impl HostHandler for Recording {
         tag: (&'a str, &'a str),
     ) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>> {
         self.inner.list(region, tag)
+    }
+
+    fn describe<'a>(
+        &'a self,
+        region: &'a str,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Described, HostError>> {
+        self.inner.describe(region, ids)
     }
 }

@@ -293,6 +293,8 @@ mod tests {
             status: InstanceStatus::Active,
             created_at: Utc::now(),
             updated_at: Utc::now(),
+            fleet: None,
+            heartbeat_at: Utc::now(),
         }
     }
 

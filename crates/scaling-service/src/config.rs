@@ -5,18 +5,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use url::Url;
 use whist_auth::JwtConfig;
+use whist_service_config::{AuthRuleError, SharedArgs};
 use whist_types::Environment;
 
 /// The fleet controller and assign API.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "scaling-service", version, about, args_override_self = true)]
 pub struct Args {
-    /// Deployment environment: local, dev, staging or prod. Picks the published client commit an
-    /// image upgrade waits for, and tags launched hosts.
-    #[arg(long, env = "APP_ENV", default_value = "local")]
-    pub environment: Environment,
+    /// Environment, database and caller authentication (shared with the host-service).
+    #[command(flatten)]
+    pub shared: SharedArgs,
 
     /// Address of the HTTP API (Heroku sets `PORT`; see `--port`).
     #[arg(long, env = "WHIST_LISTEN", default_value = "0.0.0.0:7730")]
@@ -25,35 +24,6 @@ pub struct Args {
     /// Overrides the port of `--listen` (Heroku's router tells the process its port this way).
     #[arg(long, env = "PORT")]
     pub port: Option<u16>,
-
-    /// Hasura's GraphQL HTTP endpoint.
-    #[arg(
-        long,
-        env = "HASURA_URL",
-        default_value = "http://127.0.0.1:8080/v1/graphql"
-    )]
-    pub hasura_url: Url,
-
-    /// Hasura's websocket endpoint; derived from `--hasura-url` when absent.
-    #[arg(long, env = "HASURA_WEBSOCKET_URL")]
-    pub hasura_websocket_url: Option<Url>,
-
-    /// Hasura's admin secret.
-    #[arg(long, env = "HASURA_ADMIN_SECRET", hide_env_values = true)]
-    pub hasura_admin_secret: Option<String>,
-
-    /// Issuer of the clients' JWTs. Required outside local mode; without it callers name
-    /// themselves with `user_id` in the body.
-    #[arg(long, env = "WHIST_AUTH_ISSUER")]
-    pub auth_issuer: Option<Url>,
-
-    /// Audience the clients' JWTs must carry.
-    #[arg(
-        long,
-        env = "WHIST_AUTH_AUDIENCE",
-        default_value = "https://api.fractal.co"
-    )]
-    pub auth_audience: String,
 
     /// Assign requests one user may make per second (sustained).
     #[arg(long, env = "WHIST_ASSIGN_RATE", default_value_t = 1.0)]
@@ -94,10 +64,32 @@ pub struct Args {
     #[arg(long, env = "WHIST_RESYNC_INTERVAL", default_value_t = 60)]
     pub resync_interval: u64,
 
-    /// Seconds a launched host may be missing from the cloud's listings or from the database
-    /// before reconciliation records or removes it.
+    /// Seconds a host's machine must have been reported gone (terminated, or unknown to the
+    /// cloud when asked by id), counted from when it was first seen so, before its row is
+    /// deleted; also how long a launched machine may lack a row before it is recorded.
     #[arg(long, env = "WHIST_RECONCILE_GRACE", default_value_t = 120)]
     pub reconcile_grace: u64,
+
+    /// The most hosts one pass may terminate or whose rows it may delete, as a share of the
+    /// region's hosts (at least one host a pass).
+    #[arg(long, env = "WHIST_MAX_DESTROY_SHARE", default_value_t = 0.1)]
+    pub max_destroy_share: f64,
+
+    /// The share of a region's rows that may be missing from the cloud's listing before
+    /// reconciliation distrusts the listing and pauses everything destructive in that region
+    /// (an empty listing while rows exist always pauses).
+    #[arg(long, env = "WHIST_LISTING_LOSS_THRESHOLD", default_value_t = 0.5)]
+    pub listing_loss_threshold: f64,
+
+    /// Seconds one cloud action (a launch, a termination, a listing) may take with all its
+    /// retries; it is abandoned after that.
+    #[arg(long, env = "WHIST_CLOUD_ACTION_DEADLINE", default_value_t = 60)]
+    pub cloud_action_deadline: u64,
+
+    /// Attempts one cloud call gets (the first included) while it is throttled or fails in
+    /// transport, within `--cloud-action-deadline`.
+    #[arg(long, env = "WHIST_CLOUD_CALL_ATTEMPTS", default_value_t = 4)]
+    pub cloud_call_attempts: u32,
 
     /// EC2 API endpoint override (e.g. a local emulator); the SDK's default otherwise.
     #[arg(long, env = "WHIST_EC2_ENDPOINT")]
@@ -138,6 +130,9 @@ pub struct Config {
     pub lease: Duration,
     pub resync_interval: Duration,
     pub reconcile_grace: Duration,
+    pub max_destroy_share: f64,
+    pub listing_loss_threshold: f64,
+    pub cloud: CloudBudget,
     pub ec2_endpoint: Option<String>,
     pub ec2_subnet: Option<String>,
     pub ec2_security_groups: Vec<String>,
@@ -147,15 +142,34 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--auth-issuer is required outside local mode")]
-    MissingAuthIssuer,
+    #[error(transparent)]
+    Auth(#[from] AuthRuleError),
     #[error("--{0} must be positive")]
     NotPositive(&'static str),
+    #[error("--{0} must be a share between 0 and 1")]
+    NotAShare(&'static str),
     #[error("read --user-data-file {path}: {source}")]
     UserData {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// How long cloud work may take: one budget for every call, applied at one layer (the host
+/// handler's retries) under one deadline per action (the executor's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloudBudget {
+    pub action_deadline: Duration,
+    pub call_attempts: u32,
+}
+
+impl Default for CloudBudget {
+    fn default() -> Self {
+        Self {
+            action_deadline: Duration::from_secs(60),
+            call_attempts: 4,
+        }
+    }
 }
 
 /// The boot script of a host when none is configured: start the host-service with the
@@ -177,11 +191,19 @@ impl Args {
         if self.assign_rate_per_user <= 0.0 || self.assign_burst_per_user == 0 {
             return Err(ConfigError::NotPositive("assign-rate/assign-burst"));
         }
-        let auth = match self.auth_issuer {
-            Some(issuer) => Some(JwtConfig::new(issuer, self.auth_audience)),
-            None if self.environment == Environment::Local => None,
-            None => return Err(ConfigError::MissingAuthIssuer),
-        };
+        if self.cloud_action_deadline == 0 || self.cloud_call_attempts == 0 {
+            return Err(ConfigError::NotPositive(
+                "cloud-action-deadline/cloud-call-attempts",
+            ));
+        }
+        for (name, share) in [
+            ("max-destroy-share", self.max_destroy_share),
+            ("listing-loss-threshold", self.listing_loss_threshold),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(ConfigError::NotAShare(name));
+            }
+        }
         let user_data = match &self.user_data_file {
             Some(path) => {
                 std::fs::read_to_string(path).map_err(|source| ConfigError::UserData {
@@ -195,9 +217,11 @@ impl Args {
         if let Some(port) = self.port {
             listen.set_port(port);
         }
-        let mut hasura =
-            whist_dbclient::HasuraConfig::new(self.hasura_url, self.hasura_admin_secret);
-        hasura.websocket_url = self.hasura_websocket_url;
+        let auth = self
+            .shared
+            .caller_auth(&[("--listen", listen)])?
+            .jwt()
+            .cloned();
         let replica_id = self.replica_id.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             format!(
@@ -207,9 +231,9 @@ impl Args {
             )
         });
         Ok(Config {
-            environment: self.environment,
+            environment: self.shared.environment,
             listen,
-            hasura,
+            hasura: self.shared.hasura(),
             auth,
             assign_rate_per_user: self.assign_rate_per_user,
             assign_burst_per_user: self.assign_burst_per_user,
@@ -221,6 +245,12 @@ impl Args {
             lease: Duration::from_secs(self.lease_seconds),
             resync_interval: Duration::from_secs(self.resync_interval),
             reconcile_grace: Duration::from_secs(self.reconcile_grace),
+            max_destroy_share: self.max_destroy_share,
+            listing_loss_threshold: self.listing_loss_threshold,
+            cloud: CloudBudget {
+                action_deadline: Duration::from_secs(self.cloud_action_deadline),
+                call_attempts: self.cloud_call_attempts,
+            },
             ec2_endpoint: self.ec2_endpoint,
             ec2_subnet: self.ec2_subnet,
             ec2_security_groups: self.ec2_security_groups,
@@ -241,31 +271,58 @@ mod tests {
             .map_err(|e| e.to_string())
     }
 
+    const LOCAL: [&str; 4] = ["--environment", "local", "--listen", "127.0.0.1:7730"];
+
+    fn local(extra: &[&str]) -> Result<Config, String> {
+        parse(&[&LOCAL[..], extra].concat())
+    }
+
     #[test]
     fn heroku_port_overrides_the_listen_port() {
-        let config = parse(&["--port", "5000"]).expect("valid");
+        let config = local(&["--port", "5000"]).expect("valid");
         assert_eq!(config.listen.port(), 5000);
+    }
+
+    #[test]
+    fn the_environment_must_be_named() {
+        let error = parse(&[]).expect_err("no environment");
+        assert!(error.contains("--environment"), "{error}");
+    }
+
+    #[test]
+    fn local_without_an_issuer_listens_only_on_loopback() {
+        let error = parse(&["--environment", "local"]).expect_err("0.0.0.0 by default");
+        assert!(
+            error.contains("--auth-issuer") && error.contains("--listen"),
+            "{error}"
+        );
+        assert!(local(&[]).expect("loopback").auth.is_none());
+        // Heroku's PORT moves the port, never the address.
+        let error = parse(&["--environment", "local", "--port", "5000"]).expect_err("open");
+        assert!(error.contains("0.0.0.0:5000"), "{error}");
     }
 
     #[test]
     fn outside_local_an_issuer_is_required() {
         let error = parse(&["--environment", "prod"]).expect_err("no issuer");
         assert!(error.contains("--auth-issuer"));
-        assert!(
-            parse(&[
-                "--environment",
-                "prod",
-                "--auth-issuer",
-                "https://a.example/"
-            ])
-            .is_ok()
-        );
+        let config = parse(&[
+            "--environment",
+            "prod",
+            "--auth-issuer",
+            "https://a.example/",
+        ])
+        .expect("valid");
+        assert!(config.auth.is_some());
     }
 
     #[test]
-    fn zero_intervals_are_refused() {
-        assert!(parse(&["--lease-seconds", "0"]).is_err());
-        assert!(parse(&["--assign-burst-per-user", "0"]).is_err());
+    fn zero_intervals_and_bad_shares_are_refused() {
+        assert!(local(&["--lease-seconds", "0"]).is_err());
+        assert!(local(&["--assign-burst-per-user", "0"]).is_err());
+        assert!(local(&["--cloud-call-attempts", "0"]).is_err());
+        assert!(local(&["--max-destroy-share", "1.5"]).is_err());
+        assert!(local(&["--listing-loss-threshold", "-0.1"]).is_err());
     }
 
     /// docs/operations.md is the operator's reference: every option and its variable are there.

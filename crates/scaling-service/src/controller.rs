@@ -1,12 +1,18 @@
-//! The leader's loop: one `select!` over fleet changes, a periodic resync and cancellation. Each
-//! region is decided on its own and its actions run in their own task, so one slow region (a
-//! launch waiting on the cloud) never holds up another.
+//! The leader's loop: one `select!` over fleet changes, a periodic resync, the term's end and
+//! cancellation. Each region is decided on its own and its actions run in their own task, so one
+//! slow region (a launch waiting on the cloud) never holds up another.
+//!
+//! A term begins by reconciling every region before deciding anything, so machines an earlier
+//! leader launched but could not record are counted rather than launched again. A term ends
+//! when its lease deadline passes (the executor's cloud calls are cancelled then) or when the
+//! service stops; either way its tasks get no longer than the lease has left.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 use whist_types::{Environment, FleetSettings, InstanceStatus, UpgradeStatus, capacity_of};
 
@@ -14,15 +20,19 @@ use crate::algorithm::{
     Action, HostView, ImageRef, RegionSnapshot, ScalingAlgorithm, ScalingSettings, UpgradeState,
     UpgradeView,
 };
-use crate::executor::{Executor, Outcome};
+use crate::executor::{Executor, Outcome, Reconciled, fleet_name};
 use crate::fleet::{Fleet, FleetView};
+use crate::leader::Term;
 use crate::metrics::Metrics;
 
 /// Launched hosts the live query has not shown yet stay counted this long at most.
 const LAUNCH_VISIBILITY_GRACE: chrono::Duration = chrono::Duration::minutes(2);
 
-/// How long the end of a leader term waits for its region tasks.
-const TERM_END_GRACE: Duration = Duration::from_secs(60);
+/// How soon a reconciliation that failed for some region is tried again.
+const RECONCILE_RETRY: Duration = Duration::from_secs(5);
+
+/// How long an instance type the cloud had no capacity for is skipped in a region.
+const CAPACITY_SHORTAGE_MEMORY: chrono::Duration = chrono::Duration::minutes(5);
 
 /// Settings used until the database's row has been read.
 const DEFAULT_SETTINGS: FleetSettings = FleetSettings {
@@ -37,7 +47,13 @@ const DEFAULT_SETTINGS: FleetSettings = FleetSettings {
 /// What a finished task of the controller reports.
 enum Report {
     Region(String, Outcome),
-    Reconciled,
+    Reconciled(Vec<(String, Reconciled)>),
+}
+
+/// What a running task is doing, so that a panicked one frees only what it held.
+enum Work {
+    Region(String),
+    Reconcile,
 }
 
 #[derive(Debug)]
@@ -60,7 +76,7 @@ struct RegionMemory {
     busy: bool,
     last_scale_up: Option<DateTime<Utc>>,
     last_scale_down: Option<DateTime<Utc>>,
-    /// Hosts launched here that the fleet view may not show yet.
+    /// Hosts launched (or recorded) here that the fleet view may not show yet.
     launched: Vec<(DateTime<Utc>, HostView)>,
     /// The image this region was swapped to, until the fleet view shows it as current (the
     /// images and upgrades live queries arrive separately; in between, the new hosts must not
@@ -69,23 +85,37 @@ struct RegionMemory {
     /// Failed actions in a row, and when the region may be decided again.
     failures: u32,
     retry_at: Option<DateTime<Utc>>,
+    /// Instance types the cloud had no capacity for, until when.
+    short_of: HashMap<String, DateTime<Utc>>,
+    /// Since when each row's machine has been reported gone (reconciliation's grace).
+    gone_since: HashMap<String, DateTime<Utc>>,
+    /// Rows of another fleet were seen here: nothing is decided for the region.
+    foreign: bool,
+    /// This term reconciled the region (machines an earlier term launched are recorded).
+    reconciled: bool,
 }
 
 impl Controller {
-    /// Runs until `stop`, then waits (bounded) for the region tasks it started, so the next
-    /// leader term never overlaps work of this one.
-    pub async fn run(self, stop: CancellationToken) {
+    /// Runs until the term ends or `stop`, then waits (no longer than the lease has left) for
+    /// the tasks it started, so the next term never overlaps work of this one.
+    pub async fn run(self, term: Term, stop: CancellationToken) {
         let mut changes = self.fleet.changes();
         let mut resync = tokio::time::interval(self.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks: JoinSet<Report> = JoinSet::new();
+        let mut work: HashMap<Id, Work> = HashMap::new();
         let mut regions: HashMap<String, RegionMemory> = HashMap::new();
         let mut reconciling = false;
         let mut warned_stale = false;
+        // A region is decided only once this term has reconciled it. Reconciliation is due at
+        // every resync; a region it could not reconcile is tried again after a short pause.
+        let mut reconcile_due = true;
+        let mut reconcile_retry_at = tokio::time::Instant::now();
         loop {
             let mut dirty: HashSet<String> = HashSet::new();
             tokio::select! {
                 () = stop.cancelled() => break,
+                () = term.ended() => break,
                 changed = changes.changed() => {
                     if changed.is_err() {
                         break;
@@ -93,41 +123,44 @@ impl Controller {
                     dirty.extend(self.regions(&self.fleet.current()));
                 }
                 _ = resync.tick() => {
-                    let fleet = self.fleet.current();
-                    dirty.extend(self.regions(&fleet));
-                    if fleet.complete && self.fleet.live() && !reconciling {
-                        reconciling = true;
-                        let executor = self.executor.clone();
-                        let regions = self.regions(&fleet);
-                        let ready_timeout = self.settings(&fleet).instance_ready_timeout_seconds;
-                        tasks.spawn(async move {
-                            for region in regions {
-                                if let Err(error) = executor
-                                    .reconcile(&region, &fleet, Utc::now(), ready_timeout)
-                                    .await
-                                {
-                                    executor.metrics.error("reconcile");
-                                    tracing::warn!(region, %error, "reconcile failed");
-                                }
-                            }
-                            Report::Reconciled
-                        });
-                    }
+                    dirty.extend(self.regions(&self.fleet.current()));
+                    reconcile_due = true;
                 }
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     match joined {
-                        Ok(Report::Reconciled) => reconciling = false,
-                        Ok(Report::Region(region, outcome)) => {
-                            self.remember(regions.entry(region.clone()).or_default(), &outcome);
+                        Ok((id, Report::Reconciled(results))) => {
+                            work.remove(&id);
+                            reconciling = false;
+                            reconcile_retry_at = tokio::time::Instant::now() + RECONCILE_RETRY;
+                            let now = term.db_now();
+                            for (region, result) in results {
+                                let memory = regions.entry(region.clone()).or_default();
+                                memory.reconciled = true;
+                                memory.gone_since = result.gone_since;
+                                memory.launched.extend(
+                                    result.recorded.iter().map(|row| (now, host_view(row, &Fleet::default(), &self.fleet_tag()))),
+                                );
+                                dirty.insert(region);
+                            }
+                        }
+                        Ok((id, Report::Region(region, outcome))) => {
+                            work.remove(&id);
+                            self.remember(regions.entry(region.clone()).or_default(), &outcome, term.db_now());
                             dirty.insert(region);
                         }
                         Err(error) => {
-                            // A panicked task: its region or reconcile must not stay blocked.
+                            // A panicked task frees only what it held.
                             tracing::error!(%error, "scaling task failed");
                             self.metrics.error("task");
-                            reconciling = false;
-                            for memory in regions.values_mut() {
-                                memory.busy = false;
+                            match work.remove(&error.id()) {
+                                Some(Work::Region(region)) => {
+                                    let memory = regions.entry(region.clone()).or_default();
+                                    memory.busy = false;
+                                    memory.failures += 1;
+                                    memory.retry_at = Some(term.db_now() + backoff(memory.failures));
+                                }
+                                Some(Work::Reconcile) => reconciling = false,
+                                None => {}
                             }
                         }
                     }
@@ -136,6 +169,20 @@ impl Controller {
             let fleet = self.fleet.current();
             if !fleet.complete {
                 continue;
+            }
+            let unreconciled = self
+                .regions(&fleet)
+                .iter()
+                .any(|region| regions.get(region).is_none_or(|memory| !memory.reconciled));
+            if !reconciling
+                && self.fleet.live()
+                && (reconcile_due || unreconciled)
+                && tokio::time::Instant::now() >= reconcile_retry_at
+            {
+                reconciling = true;
+                reconcile_due = false;
+                let handle = tasks.spawn(self.reconcile_all(&term, &fleet, &regions));
+                work.insert(handle.id(), Work::Reconcile);
             }
             // A frozen view (live queries down) would make every decision on stale rows.
             if !self.fleet.live() {
@@ -154,14 +201,20 @@ impl Controller {
                     continue;
                 }
                 let memory = regions.entry(region.clone()).or_default();
-                let now = Utc::now();
-                if memory.busy || memory.retry_at.is_some_and(|at| now < at) {
+                self.note_foreign_rows(&fleet, &region, memory);
+                let now = term.db_now();
+                if !memory.reconciled
+                    || memory.foreign
+                    || memory.busy
+                    || memory.retry_at.is_some_and(|at| now < at)
+                {
                     continue;
                 }
                 memory.launched.retain(|(at, host)| {
                     now - *at < LAUNCH_VISIBILITY_GRACE
                         && !fleet.instances.iter().any(|i| i.id == host.id)
                 });
+                memory.short_of.retain(|_, until| now < *until);
                 if let Some((at, image)) = &memory.swapped_to
                     && (fleet
                         .images
@@ -186,32 +239,128 @@ impl Controller {
                 }
                 let executor = self.executor.clone();
                 let fleet = fleet.clone();
-                tasks.spawn(async move {
-                    let outcome = executor.run(&region, actions, &fleet).await;
-                    Report::Region(region, outcome)
+                let term = term.clone();
+                let name = region.clone();
+                let handle = tasks.spawn(async move {
+                    let outcome = executor.run(&term, &name, actions, &fleet).await;
+                    Report::Region(name, outcome)
                 });
+                work.insert(handle.id(), Work::Region(region));
             }
         }
-        // Let in-flight actions finish (a launch must reach its insert) before the lease goes.
-        let drained = tokio::time::timeout(TERM_END_GRACE, async {
+        // Let in-flight actions finish (a launch must reach its insert) while the lease lasts;
+        // cloud calls already stopped if the term ended.
+        let drained = tokio::time::timeout(term.lease_left(), async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
             tracing::warn!("scaling tasks still running at the end of the term; aborting them");
             tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
         }
     }
 
-    fn remember(&self, memory: &mut RegionMemory, outcome: &Outcome) {
-        let now = Utc::now();
+    fn fleet_tag(&self) -> String {
+        fleet_name(self.environment)
+    }
+
+    /// Rows of another fleet in a region mean two controllers of different environments share
+    /// this database: neither may shape the region, so this one leaves it alone and says so.
+    fn note_foreign_rows(&self, fleet: &Fleet, region: &str, memory: &mut RegionMemory) {
+        let own = self.fleet_tag();
+        let foreign: Vec<&str> = fleet
+            .instances_in(region)
+            .filter_map(|i| i.fleet.as_deref())
+            .filter(|other| *other != own)
+            .collect();
+        let now_foreign = !foreign.is_empty();
+        if now_foreign != memory.foreign {
+            if now_foreign {
+                tracing::error!(
+                    region,
+                    fleet = own,
+                    other = foreign[0],
+                    "the region holds hosts of another fleet: this controller neither launches nor destroys anything there"
+                );
+            } else {
+                tracing::info!(
+                    region,
+                    "no hosts of another fleet left: scaling the region again"
+                );
+            }
+            memory.foreign = now_foreign;
+        }
+        self.metrics
+            .region_paused(region, "foreign_fleet", now_foreign);
+    }
+
+    /// Reconciles every region this controller decides for, one after the other.
+    fn reconcile_all(
+        &self,
+        term: &Term,
+        fleet: &Fleet,
+        regions: &HashMap<String, RegionMemory>,
+    ) -> impl Future<Output = Report> + Send + 'static {
+        let executor = self.executor.clone();
+        let term = term.clone();
+        let fleet = fleet.clone();
+        let ready_timeout = scaling_settings(&self.settings(&fleet)).instance_ready_timeout;
+        let jobs: Vec<(String, HashMap<String, DateTime<Utc>>)> = self
+            .regions(&fleet)
+            .into_iter()
+            .filter(|region| !regions.get(region).is_some_and(|memory| memory.foreign))
+            .map(|region| {
+                let gone = regions
+                    .get(&region)
+                    .map(|memory| memory.gone_since.clone())
+                    .unwrap_or_default();
+                (region, gone)
+            })
+            .collect();
+        async move {
+            let mut results = Vec::new();
+            for (region, gone_since) in jobs {
+                match executor
+                    .reconcile(
+                        &term,
+                        &region,
+                        &fleet,
+                        gone_since,
+                        term.db_now(),
+                        ready_timeout,
+                    )
+                    .await
+                {
+                    Ok(result) => results.push((region, result)),
+                    Err(error) => {
+                        executor.metrics.error("reconcile");
+                        tracing::warn!(region, %error, "reconcile failed");
+                    }
+                }
+            }
+            Report::Reconciled(results)
+        }
+    }
+
+    fn remember(&self, memory: &mut RegionMemory, outcome: &Outcome, now: DateTime<Utc>) {
         memory.busy = false;
+        let own = self.fleet_tag();
         memory.launched.extend(
             outcome
                 .launched
                 .iter()
-                .map(|instance| (now, host_view(instance, &Fleet::default()))),
+                .map(|instance| (now, host_view(instance, &Fleet::default(), &own))),
         );
+        for instance_type in &outcome.short_of {
+            tracing::warn!(
+                instance_type,
+                "no capacity for this type: trying the next one for a while"
+            );
+            memory
+                .short_of
+                .insert(instance_type.clone(), now + CAPACITY_SHORTAGE_MEMORY);
+        }
         if outcome.drained > 0 {
             memory.last_scale_down = Some(now);
         }
@@ -222,8 +371,7 @@ impl Controller {
             // Back off so a persistent failure (a refused image, the database down) is retried
             // at a capped pace instead of as fast as the cloud answers.
             memory.failures += 1;
-            let delay = chrono::Duration::seconds(1 << memory.failures.min(6));
-            memory.retry_at = Some(now + delay);
+            memory.retry_at = Some(now + backoff(memory.failures));
         } else {
             memory.failures = 0;
             memory.retry_at = None;
@@ -272,6 +420,11 @@ impl Controller {
     }
 }
 
+/// The pause after `failures` failed passes in a row: doubling, capped at a minute.
+fn backoff(failures: u32) -> chrono::Duration {
+    chrono::Duration::seconds(1 << failures.min(6))
+}
+
 /// One region's snapshot from the fleet view plus what this controller remembers.
 fn snapshot(
     fleet: &Fleet,
@@ -280,9 +433,10 @@ fn snapshot(
     memory: &RegionMemory,
 ) -> RegionSnapshot {
     let config = fleet.regions.get(region);
+    let own = fleet_name(environment);
     let mut hosts: Vec<HostView> = fleet
         .instances_in(region)
-        .map(|instance| host_view(instance, fleet))
+        .map(|instance| host_view(instance, fleet, &own))
         .collect();
     hosts.extend(memory.launched.iter().map(|(_, host)| host.clone()));
     let settings = fleet.settings.clone().unwrap_or(DEFAULT_SETTINGS);
@@ -292,6 +446,7 @@ fn snapshot(
         enabled: config.is_some_and(|c| c.enabled),
         desired_free: config.map_or(0, |c| c.desired_free_mandelboxes.max(0) as u32),
         instance_types: config.map(|c| c.instance_types.clone()).unwrap_or_default(),
+        unavailable_types: memory.short_of.keys().cloned().collect(),
         current_image: swapped.clone().or_else(|| {
             fleet.images.get(region).map(|image| ImageRef {
                 image_id: image.image_id.clone(),
@@ -339,7 +494,7 @@ fn scaling_settings(settings: &FleetSettings) -> ScalingSettings {
     }
 }
 
-fn host_view(instance: &whist_types::Instance, fleet: &Fleet) -> HostView {
+fn host_view(instance: &whist_types::Instance, fleet: &Fleet, own_fleet: &str) -> HostView {
     HostView {
         id: instance.id.clone(),
         image_id: instance.image_id.clone(),
@@ -348,7 +503,8 @@ fn host_view(instance: &whist_types::Instance, fleet: &Fleet) -> HostView {
         capacity: capacity_of(&instance.instance_type),
         remaining: instance.remaining_capacity,
         created_at: instance.created_at,
-        heartbeat_at: instance.updated_at,
+        heartbeat_at: instance.heartbeat_at,
+        owned: instance.fleet.as_deref() == Some(own_fleet),
         idle_since: fleet.idle_since.get(&instance.id).copied(),
     }
 }

@@ -1,20 +1,35 @@
 //! The executor: the only code that changes the cloud. It carries out the algorithm's actions
 //! for one region and reconciles the cloud with the database.
+//!
+//! What keeps it from destroying a fleet:
+//! - **Its own fleet only.** It launches with the fleet's tag, records the fleet on the rows,
+//!   and drains, terminates and deletes only rows of that fleet (the conditions are in the
+//!   mutations themselves).
+//! - **Proof for every deletion.** A row is deleted because its machine is gone only when the
+//!   cloud, asked about that id, says terminated or unknown, and has said so for longer than
+//!   the grace, counted from when it was first seen so. A tag listing never proves anything.
+//! - **Suspicious listings pause.** A listing that is empty while rows exist, or that lacks more
+//!   than a threshold of the rows, pauses everything destructive in the region.
+//! - **A budget per pass.** One pass terminates or deletes at most a share of a region's hosts.
+//! - **One leader.** Every write is fenced by the term's lease generation; every cloud call is
+//!   made only while the term is valid and is cancelled when it ends, under one deadline per
+//!   action (the host handler owns the one retry policy).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use whist_dbclient::{DbError, HasuraClient, ops};
+use whist_dbclient::{DbError, HasuraClient, Operation, ops};
 use whist_types::{
     Environment, ImageUpgrade, Instance, InstanceStatus, NewInstance, PROVIDER_AWS, UpgradeStatus,
     capacity_of,
 };
 
 use crate::algorithm::{Action, DrainReason, ImageRef, LaunchPurpose, TerminateReason};
+use crate::config::CloudBudget;
 use crate::fleet::Fleet;
 use crate::hosts::{CloudHost, CloudState, HostError, HostHandler, LaunchRequest};
+use crate::leader::{Term, TermEnded};
 use crate::metrics::Metrics;
 
 /// Tags every launched host carries; reconciliation finds our hosts by the first.
@@ -23,7 +38,15 @@ pub mod tags {
     pub const REGION: &str = "whist:region";
     pub const CLIENT_SHA: &str = "whist:client-sha";
     pub const PURPOSE: &str = "whist:purpose";
+    /// The leader term that launched it (its lease generation), for audits.
+    pub const TERM: &str = "whist:lease-generation";
     pub const NAME: &str = "Name";
+}
+
+/// The fleet of an environment: the `whist:fleet` tag of its machines and the `fleet` column of
+/// its rows. Fleets of different environments never touch each other's hosts.
+pub fn fleet_name(environment: Environment) -> String {
+    format!("whist-{environment}")
 }
 
 /// What running a region's actions did, for the controller's cooldowns.
@@ -34,6 +57,32 @@ pub struct Outcome {
     pub errors: u32,
     /// The image the region was swapped to, if it was.
     pub swapped_to: Option<ImageRef>,
+    /// Instance types the cloud had no capacity for, so the next decision tries another.
+    pub short_of: Vec<String>,
+    /// Terminations left for a later pass by the per-pass budget.
+    pub deferred: u32,
+}
+
+/// The limits on destruction (see the module's documentation).
+#[derive(Debug, Clone, Copy)]
+pub struct Safety {
+    /// How long a machine must have been reported gone before its row is deleted; also how
+    /// long a launched machine may lack a row before it is recorded.
+    pub reconcile_grace: chrono::Duration,
+    /// The share of a region's hosts one pass may terminate or delete (at least one).
+    pub max_destroy_share: f64,
+    /// The share of a region's rows a listing may lack before it is distrusted.
+    pub listing_loss_threshold: f64,
+}
+
+impl Default for Safety {
+    fn default() -> Self {
+        Self {
+            reconcile_grace: chrono::Duration::minutes(2),
+            max_destroy_share: 0.1,
+            listing_loss_threshold: 0.5,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -43,28 +92,76 @@ pub struct Executor {
     pub environment: Environment,
     pub user_data: String,
     pub metrics: Arc<Metrics>,
-    /// How long a launched host may be missing from the cloud's listings (eventual consistency)
-    /// or from the database (between launch and insert) before reconciliation acts on it.
-    pub reconcile_grace: chrono::Duration,
-    /// Whether this replica still leads; actions stop as soon as it does not.
-    pub leading: Option<tokio::sync::watch::Receiver<bool>>,
+    pub safety: Safety,
+    pub cloud: CloudBudget,
+}
+
+/// How many hosts one pass may still destroy.
+#[derive(Debug)]
+struct Budget(u32);
+
+impl Budget {
+    fn for_region(safety: &Safety, hosts: usize) -> Self {
+        let share = (hosts as f64 * safety.max_destroy_share).floor() as u32;
+        Self(share.max(1))
+    }
+
+    fn take(&mut self) -> bool {
+        let left = self.0 > 0;
+        self.0 = self.0.saturating_sub(1);
+        left
+    }
+}
+
+/// Why reconciliation distrusted the cloud's listing of a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suspicion {
+    /// Nothing listed while the region has rows of this fleet.
+    EmptyListing,
+    /// More than the threshold of the rows missing from the listing.
+    LostRows { missing: usize, rows: usize },
+}
+
+impl Suspicion {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::EmptyListing => "empty_listing",
+            Self::LostRows { .. } => "lost_rows",
+        }
+    }
+}
+
+/// What one reconciliation of a region did and must remember.
+#[derive(Debug, Default, Clone)]
+pub struct Reconciled {
+    /// Machines recorded because they had no row (the live query shows them later).
+    pub recorded: Vec<Instance>,
+    /// Since when each row's machine has been reported gone (the grace counts from there).
+    pub gone_since: HashMap<String, DateTime<Utc>>,
+    /// Set when the listing was distrusted and nothing destructive was done.
+    pub paused: Option<Suspicion>,
+    pub deleted: u32,
+    pub deferred: u32,
 }
 
 impl Executor {
     /// The fleet tag value: hosts of different environments never see each other.
     pub fn fleet_tag(&self) -> String {
-        format!("whist-{}", self.environment)
+        fleet_name(self.environment)
     }
 
-    pub async fn run(&self, region: &str, actions: Vec<Action>, fleet: &Fleet) -> Outcome {
+    pub async fn run(
+        &self,
+        term: &Term,
+        region: &str,
+        actions: Vec<Action>,
+        fleet: &Fleet,
+    ) -> Outcome {
         let mut outcome = Outcome::default();
+        let mut budget = Budget::for_region(&self.safety, self.own_rows(fleet, region).count());
         for action in actions {
-            if self
-                .leading
-                .as_ref()
-                .is_some_and(|leading| !*leading.borrow())
-            {
-                tracing::warn!(region, "no longer leading: remaining actions dropped");
+            if !term.is_valid() {
+                tracing::warn!(region, "the leader term ended: remaining actions dropped");
                 break;
             }
             let result = match &action {
@@ -74,14 +171,14 @@ impl Executor {
                     count,
                     purpose,
                 } => self
-                    .launch(region, image, instance_type, *count, *purpose, fleet)
+                    .launch(term, region, image, instance_type, *count, *purpose, fleet)
                     .await
                     .map(|rows| outcome.launched.extend(rows)),
                 Action::Drain {
                     instance_id,
                     reason,
                 } => self
-                    .drain(fleet, instance_id, *reason)
+                    .drain(term, fleet, instance_id, *reason)
                     .await
                     .map(|drained| {
                         outcome.drained += u32::from(drained);
@@ -89,27 +186,101 @@ impl Executor {
                 Action::Terminate {
                     instance_id,
                     reason,
-                } => self.terminate(region, instance_id, *reason).await,
+                } => {
+                    if budget.take() {
+                        self.terminate(term, region, fleet, instance_id, *reason)
+                            .await
+                    } else {
+                        outcome.deferred += 1;
+                        self.metrics.deferred(region);
+                        Ok(())
+                    }
+                }
                 Action::SwapImage { image } => {
-                    self.swap(region, image, fleet).await.map(|swapped| {
+                    self.swap(term, region, image, fleet).await.map(|swapped| {
                         if swapped {
                             outcome.swapped_to = Some(image.clone());
                         }
                     })
                 }
-                Action::RollBackUpgrade { image } => self.roll_back(region, image, fleet).await,
+                Action::RollBackUpgrade { image } => {
+                    self.roll_back(term, region, image, fleet, &mut budget)
+                        .await
+                }
             };
-            if let Err(error) = result {
-                outcome.errors += 1;
-                self.metrics.error("action");
-                tracing::error!(region, ?action, %error, "action failed");
+            match result {
+                Ok(()) => {}
+                Err(ActionError::TermEnded) => {
+                    tracing::warn!(region, ?action, "the leader term ended during the action");
+                    break;
+                }
+                Err(error) => {
+                    outcome.errors += 1;
+                    self.metrics.error("action");
+                    if let (
+                        Action::Launch { instance_type, .. },
+                        ActionError::Cloud(HostError::InsufficientCapacity(_)),
+                    ) = (&action, &error)
+                    {
+                        outcome.short_of.push(instance_type.clone());
+                    }
+                    if matches!(error, ActionError::Database(DbError::Fenced { .. })) {
+                        self.metrics.error("fenced");
+                        tracing::warn!(region, ?action, %error, "a write of an old term was refused");
+                        break;
+                    }
+                    tracing::error!(region, ?action, %error, "action failed");
+                }
             }
         }
         outcome
     }
 
+    /// This fleet's rows in `region`.
+    fn own_rows<'a>(
+        &'a self,
+        fleet: &'a Fleet,
+        region: &'a str,
+    ) -> impl Iterator<Item = &'a Instance> {
+        let tag = self.fleet_tag();
+        fleet
+            .instances_in(region)
+            .filter(move |i| i.fleet.as_deref() == Some(tag.as_str()))
+    }
+
+    /// Sends a write of this term: it lands only while the term's generation holds the lease.
+    async fn write<T>(&self, term: &Term, operation: Operation<T>) -> Result<T, ActionError> {
+        Ok(self.db.execute(&operation.fenced(term.fence())).await?)
+    }
+
+    /// Runs one cloud action: only while the term holds (proved on the database's clock first,
+    /// then checked right before the call), cancelled when the term ends, and abandoned at the
+    /// action deadline.
+    async fn cloud<T>(
+        &self,
+        term: &Term,
+        what: &'static str,
+        work: impl Future<Output = Result<T, HostError>>,
+    ) -> Result<T, ActionError> {
+        self.db
+            .execute(&ops::lease_check(term.fence()))
+            .await
+            .map_err(|error| match error {
+                DbError::Fenced { .. } => ActionError::TermEnded,
+                other => ActionError::Database(other),
+            })?;
+        let deadline = self.cloud.action_deadline;
+        match tokio::time::timeout(deadline, term.run(work)).await {
+            Ok(Ok(result)) => Ok(result?),
+            Ok(Err(TermEnded)) => Err(ActionError::TermEnded),
+            Err(_) => Err(ActionError::Cloud(HostError::Timeout(deadline, what))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn launch(
         &self,
+        term: &Term,
         region: &str,
         image: &ImageRef,
         instance_type: &str,
@@ -149,50 +320,56 @@ impl Executor {
                 (tags::REGION.to_owned(), region.to_owned()),
                 (tags::CLIENT_SHA.to_owned(), image.client_sha.clone()),
                 (tags::PURPOSE.to_owned(), purpose_name.to_owned()),
+                (tags::TERM.to_owned(), term.generation().to_string()),
                 (
                     tags::NAME.to_owned(),
                     format!("whist-{}-{region}-{purpose_name}", self.environment),
                 ),
             ]),
         };
-        let launched = with_retries(|| self.hosts.launch(&request)).await?;
+        let launched = self
+            .cloud(term, "launch", self.hosts.launch(&request))
+            .await?;
         tracing::info!(region, count = launched.len(), purpose = purpose_name, image = %image.image_id, "launched hosts");
         // From here on the machines exist: they are reported whatever happens to the rows, so
         // the controller counts them (and the reconciliation records any row that is missing).
+        // The rows' writes are fenced like every other: an old term's land before a new term
+        // begins or not at all, and the new term's reconciliation records what they missed.
         let rows: Vec<NewInstance> = launched
             .iter()
-            .map(|host| new_row(host, &image.client_sha))
+            .map(|host| self.new_row(host, &image.client_sha))
             .collect();
-        let recorded = self.insert_rows(&rows).await;
+        let recorded = self.insert_rows(term, &rows).await;
         self.metrics.launched(region, recorded as u32);
         if let Some(upgrade) = upgrade {
-            self.db
-                .execute(&ops::transition_upgrade(
+            self.write(
+                term,
+                ops::transition_upgrade(
                     upgrade,
                     &[UpgradeStatus::Pending],
                     UpgradeStatus::Shielded,
-                ))
-                .await?;
+                ),
+            )
+            .await?;
         }
         Ok(launched
             .iter()
-            .map(|host| pending_instance(host, &image.client_sha))
+            .map(|host| pending_instance(host, &image.client_sha, &self.fleet_tag()))
             .collect())
     }
 
     /// Inserts instance rows one by one, so one already present (an idempotent relaunch, a
     /// reconciliation that got there first) does not keep the others out. Returns how many
     /// were new.
-    async fn insert_rows(&self, rows: &[NewInstance]) -> usize {
+    async fn insert_rows(&self, term: &Term, rows: &[NewInstance]) -> usize {
         let mut inserted = 0;
         for row in rows {
             match self
-                .db
-                .execute(&ops::insert_instances(std::slice::from_ref(row)))
+                .write(term, ops::insert_instances(std::slice::from_ref(row)))
                 .await
             {
                 Ok(_) => inserted += 1,
-                Err(DbError::ConstraintViolation { .. }) => {}
+                Err(ActionError::Database(DbError::ConstraintViolation { .. })) => {}
                 Err(error) => {
                     self.metrics.error("record_host");
                     tracing::error!(instance.id = %row.id, %error, "record a launched host");
@@ -204,6 +381,7 @@ impl Executor {
 
     async fn drain(
         &self,
+        term: &Term,
         fleet: &Fleet,
         instance_id: &str,
         reason: DrainReason,
@@ -211,11 +389,14 @@ impl Executor {
         let Some(instance) = fleet.instances.iter().find(|i| i.id == instance_id) else {
             return Ok(false);
         };
-        // Conditional on the row being idle now: a claim that raced the decision wins.
+        // Conditional on the row being this fleet's and idle now: a claim that raced the
+        // decision wins.
         let capacity = capacity_of(&instance.instance_type);
         let drained = self
-            .db
-            .execute(&ops::drain_idle_instance(instance_id, capacity))
+            .write(
+                term,
+                ops::drain_idle_instance(instance_id, capacity, &self.fleet_tag()),
+            )
             .await?;
         if drained.is_some() {
             tracing::info!(instance.id = instance_id, ?reason, "draining host");
@@ -225,15 +406,27 @@ impl Executor {
 
     async fn terminate(
         &self,
+        term: &Term,
         region: &str,
+        fleet: &Fleet,
         instance_id: &str,
         reason: TerminateReason,
     ) -> Result<(), ActionError> {
+        if !self.own_rows(fleet, region).any(|i| i.id == instance_id) {
+            tracing::error!(
+                instance.id = instance_id,
+                "asked to terminate a host of another fleet: refused"
+            );
+            return Ok(());
+        }
         let ids = [instance_id.to_owned()];
-        with_retries(|| self.hosts.terminate(region, &ids)).await?;
+        self.cloud(term, "terminate", self.hosts.terminate(region, &ids))
+            .await?;
         let deleted = self
-            .db
-            .execute(&ops::delete_instance_and_mandelboxes(instance_id))
+            .write(
+                term,
+                ops::delete_fleet_instance(instance_id, &self.fleet_tag()),
+            )
             .await?;
         if deleted {
             let reason = match reason {
@@ -249,6 +442,7 @@ impl Executor {
 
     async fn swap(
         &self,
+        term: &Term,
         region: &str,
         image: &ImageRef,
         fleet: &Fleet,
@@ -257,8 +451,7 @@ impl Executor {
             return Ok(false);
         };
         let swapped = self
-            .db
-            .execute(&ops::swap_to_upgrade(upgrade))
+            .write(term, ops::swap_to_upgrade(upgrade))
             .await?
             .is_some();
         if swapped {
@@ -270,9 +463,11 @@ impl Executor {
 
     async fn roll_back(
         &self,
+        term: &Term,
         region: &str,
         image: &ImageRef,
         fleet: &Fleet,
+        budget: &mut Budget,
     ) -> Result<(), ActionError> {
         let Some(upgrade) = upgrade_for(fleet, region, image) else {
             return Ok(());
@@ -280,26 +475,31 @@ impl Executor {
         // Claim the rollback first: if the upgrade was swapped meanwhile (another actor, a stale
         // view), its hosts carry sessions now and must not be touched.
         let claimed = self
-            .db
-            .execute(&ops::transition_upgrade(
-                upgrade,
-                &[UpgradeStatus::Pending, UpgradeStatus::Shielded],
-                UpgradeStatus::RolledBack,
-            ))
+            .write(
+                term,
+                ops::transition_upgrade(
+                    upgrade,
+                    &[UpgradeStatus::Pending, UpgradeStatus::Shielded],
+                    UpgradeStatus::RolledBack,
+                ),
+            )
             .await?;
         if claimed.is_none() {
             return Ok(());
         }
-        let ids: Vec<String> = fleet
-            .instances_in(region)
+        // Within the pass's budget; hosts left over are PRE_CONNECTION on an image that is
+        // neither current nor upgrading, which later passes reap as never ready.
+        let ids: Vec<String> = self
+            .own_rows(fleet, region)
             .filter(|i| i.image_id == image.image_id && i.status != InstanceStatus::Active)
             .map(|i| i.id.clone())
+            .take_while(|_| budget.take())
             .collect();
-        with_retries(|| self.hosts.terminate(region, &ids)).await?;
+        self.cloud(term, "terminate", self.hosts.terminate(region, &ids))
+            .await?;
         for id in &ids {
             if self
-                .db
-                .execute(&ops::delete_instance_and_mandelboxes(id))
+                .write(term, ops::delete_fleet_instance(id, &self.fleet_tag()))
                 .await?
             {
                 self.metrics.terminated(region, "rolled_back");
@@ -310,38 +510,56 @@ impl Executor {
         Ok(())
     }
 
-    /// Makes the cloud and the database agree for `region`: a host of ours the database does not
-    /// know is recorded (it was launched and the insert never happened); a row whose machine is
-    /// gone is deleted with its mandelboxes.
+    /// Makes the cloud and the database agree for `region`:
+    /// - a machine of this fleet without any row is recorded while young (it was launched and
+    ///   the insert never happened) and terminated once older than the ready timeout (its host
+    ///   drained and left);
+    /// - a row of this fleet whose machine the cloud, asked by id, reports terminated or
+    ///   unknown for longer than the grace (counted in `gone_since`) is deleted with its
+    ///   mandelboxes.
+    ///
+    /// A suspicious listing (see [`Suspicion`]) pauses both destructive steps; at most the
+    /// pass's budget of hosts is terminated or deleted.
     pub async fn reconcile(
         &self,
+        term: &Term,
         region: &str,
         fleet: &Fleet,
+        mut gone_since: HashMap<String, DateTime<Utc>>,
         now: DateTime<Utc>,
-        ready_timeout_seconds: i32,
-    ) -> Result<(), ActionError> {
+        ready_timeout: chrono::Duration,
+    ) -> Result<Reconciled, ActionError> {
         let fleet_tag = self.fleet_tag();
-        let cloud = with_retries(|| self.hosts.list(region, (tags::FLEET, &fleet_tag))).await?;
-        let cloud_by_id: HashMap<&str, &CloudHost> =
+        let cloud = self
+            .cloud(
+                term,
+                "list",
+                self.hosts.list(region, (tags::FLEET, &fleet_tag)),
+            )
+            .await?;
+        let listed: HashMap<&str, &CloudHost> =
             cloud.iter().map(|host| (host.id.as_str(), host)).collect();
-        let rows: HashSet<&str> = fleet.instances_in(region).map(|i| i.id.as_str()).collect();
-        let ready_timeout = chrono::Duration::seconds(i64::from(ready_timeout_seconds.max(0)));
+        // Any row, of any fleet, keeps its machine: only machines nobody records are leftovers.
+        let any_row: HashSet<&str> = fleet.instances_in(region).map(|i| i.id.as_str()).collect();
+        let own: Vec<&Instance> = self.own_rows(fleet, region).collect();
+        let mut report = Reconciled::default();
 
         let (young, old): (Vec<&CloudHost>, Vec<&CloudHost>) = cloud
             .iter()
             .filter(|host| matches!(host.state, CloudState::Pending | CloudState::Running))
-            .filter(|host| !rows.contains(host.id.as_str()))
+            .filter(|host| !any_row.contains(host.id.as_str()))
             .filter(|host| {
                 host.launched_at
-                    .is_none_or(|at| now - at > self.reconcile_grace)
+                    .is_none_or(|at| now - at > self.safety.reconcile_grace)
             })
             .partition(|host| host.launched_at.is_some_and(|at| now - at < ready_timeout));
         // Young machines were launched and never recorded: record them, they are booting.
+        // Adding a row destroys nothing, so it is done whatever the listing looks like.
         let unrecorded: Vec<NewInstance> = young
             .iter()
             .map(|host| {
                 let client_sha = host.tags.get(tags::CLIENT_SHA).cloned().unwrap_or_default();
-                new_row(host, &client_sha)
+                self.new_row(host, &client_sha)
             })
             .collect();
         if !unrecorded.is_empty() {
@@ -350,42 +568,150 @@ impl Executor {
                 count = unrecorded.len(),
                 "recording hosts launched but never recorded"
             );
-            self.insert_rows(&unrecorded).await;
+            self.insert_rows(term, &unrecorded).await;
+            report.recorded = young
+                .iter()
+                .map(|host| {
+                    let client_sha = host.tags.get(tags::CLIENT_SHA).cloned().unwrap_or_default();
+                    pending_instance(host, &client_sha, &fleet_tag)
+                })
+                .collect();
         }
-        // Old ones have no row because their host drained and left: they only cost money.
-        let leftovers: Vec<String> = old.iter().map(|host| host.id.clone()).collect();
+
+        // Is the listing to be believed? Rows of this fleet that it lacks entirely (a
+        // terminated machine is still listed, as terminated) mean a wrong endpoint, lost
+        // permissions, a partial answer or removed tags far more often than machines that
+        // vanished without a trace.
+        let missing = own
+            .iter()
+            .filter(|i| !listed.contains_key(i.id.as_str()))
+            .count();
+        let suspicion = if own.is_empty() {
+            None
+        } else if cloud.is_empty() {
+            Some(Suspicion::EmptyListing)
+        } else if missing as f64 > self.safety.listing_loss_threshold * own.len() as f64 {
+            Some(Suspicion::LostRows {
+                missing,
+                rows: own.len(),
+            })
+        } else {
+            None
+        };
+        self.metrics
+            .destruction_paused(region, suspicion.map(Suspicion::label));
+        if let Some(suspicion) = suspicion {
+            tracing::error!(
+                region,
+                ?suspicion,
+                listed = cloud.len(),
+                rows = own.len(),
+                "the cloud's listing does not match the rows: nothing is terminated or deleted in this region until it does"
+            );
+            report.paused = Some(suspicion);
+            report.gone_since = gone_since;
+            return Ok(report);
+        }
+
+        let mut budget = Budget::for_region(&self.safety, own.len());
+        // Old machines without a row: their host drained and left; they only cost money.
+        let leftovers: Vec<String> = old
+            .iter()
+            .map(|host| host.id.clone())
+            .filter(|_| {
+                let take = budget.take();
+                report.deferred += u32::from(!take);
+                take
+            })
+            .collect();
         if !leftovers.is_empty() {
             tracing::warn!(
                 region,
                 count = leftovers.len(),
                 "terminating hosts without a row"
             );
-            with_retries(|| self.hosts.terminate(region, &leftovers)).await?;
+            self.cloud(term, "terminate", self.hosts.terminate(region, &leftovers))
+                .await?;
             for _ in &leftovers {
                 self.metrics.terminated(region, "unrecorded");
             }
         }
 
-        for instance in fleet.instances_in(region) {
-            let gone = match cloud_by_id.get(instance.id.as_str()) {
-                None => true,
-                Some(host) => matches!(
-                    host.state,
-                    CloudState::Terminated | CloudState::ShuttingDown
-                ),
-            };
-            if gone && now - instance.created_at > self.reconcile_grace {
-                let deleted = self
-                    .db
-                    .execute(&ops::delete_instance_and_mandelboxes(&instance.id))
-                    .await?;
-                if deleted {
-                    tracing::warn!(instance.id = %instance.id, "deleted the row of a host that no longer exists");
-                    self.metrics.terminated(region, "vanished");
+        // Rows whose machine the listing lacks or shows ending: ask the cloud about each by id.
+        let doubtful: Vec<String> = own
+            .iter()
+            .filter(|i| {
+                listed.get(i.id.as_str()).is_none_or(|host| {
+                    matches!(
+                        host.state,
+                        CloudState::Terminated | CloudState::ShuttingDown
+                    )
+                })
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        let described = if doubtful.is_empty() {
+            HashMap::new()
+        } else {
+            self.cloud(term, "describe", self.hosts.describe(region, &doubtful))
+                .await?
+        };
+        let mut still_gone = HashMap::new();
+        for id in &doubtful {
+            match described.get(id) {
+                Some(None)
+                | Some(Some(CloudHost {
+                    state: CloudState::Terminated,
+                    ..
+                })) => {
+                    still_gone.insert(id.clone(), *gone_since.get(id).unwrap_or(&now));
                 }
+                Some(Some(host)) if host.state == CloudState::ShuttingDown => {}
+                Some(Some(host)) => tracing::warn!(
+                    instance.id = %id,
+                    state = ?host.state,
+                    "a host's machine exists but is not listed under the fleet's tag (was the tag removed?): its row is kept"
+                ),
+                None => tracing::warn!(instance.id = %id, "the cloud did not answer for a host"),
             }
         }
-        Ok(())
+        gone_since = still_gone;
+        let mut deletions: Vec<(&String, &DateTime<Utc>)> = gone_since
+            .iter()
+            .filter(|(_, since)| now - **since > self.safety.reconcile_grace)
+            .collect();
+        deletions.sort();
+        for (id, since) in deletions {
+            if !budget.take() {
+                report.deferred += 1;
+                self.metrics.deferred(region);
+                continue;
+            }
+            if self
+                .write(term, ops::delete_fleet_instance(id, &fleet_tag))
+                .await?
+            {
+                report.deleted += 1;
+                tracing::warn!(instance.id = %id, gone_since = %since, "deleted the row of a host whose machine is gone");
+                self.metrics.terminated(region, "vanished");
+            }
+        }
+        report.gone_since = gone_since;
+        Ok(report)
+    }
+
+    fn new_row(&self, host: &CloudHost, client_sha: &str) -> NewInstance {
+        NewInstance {
+            id: host.id.clone(),
+            provider: PROVIDER_AWS.to_owned(),
+            region: host.region.clone(),
+            image_id: host.image_id.clone(),
+            client_sha: client_sha.to_owned(),
+            instance_type: host.instance_type.clone(),
+            remaining_capacity: capacity_of(&host.instance_type) as i32,
+            status: InstanceStatus::PreConnection,
+            fleet: Some(self.fleet_tag()),
+        }
     }
 }
 
@@ -396,21 +722,8 @@ fn upgrade_for<'a>(fleet: &'a Fleet, region: &str, image: &ImageRef) -> Option<&
         .filter(|upgrade| upgrade.image_id == image.image_id)
 }
 
-fn new_row(host: &CloudHost, client_sha: &str) -> NewInstance {
-    NewInstance {
-        id: host.id.clone(),
-        provider: PROVIDER_AWS.to_owned(),
-        region: host.region.clone(),
-        image_id: host.image_id.clone(),
-        client_sha: client_sha.to_owned(),
-        instance_type: host.instance_type.clone(),
-        remaining_capacity: capacity_of(&host.instance_type) as i32,
-        status: InstanceStatus::PreConnection,
-    }
-}
-
 /// The row the database will show for a launch, until the live query shows the real one.
-fn pending_instance(host: &CloudHost, client_sha: &str) -> Instance {
+fn pending_instance(host: &CloudHost, client_sha: &str, fleet: &str) -> Instance {
     let now = Utc::now();
     Instance {
         id: host.id.clone(),
@@ -424,6 +737,8 @@ fn pending_instance(host: &CloudHost, client_sha: &str) -> Instance {
         status: InstanceStatus::PreConnection,
         created_at: now,
         updated_at: now,
+        fleet: Some(fleet.to_owned()),
+        heartbeat_at: now,
     }
 }
 
@@ -433,34 +748,14 @@ fn token(key: &str) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Retries cloud calls that may succeed later (throttling, capacity, transport) with capped,
-/// jittered backoff; gives up at once on requests the cloud will never accept.
-async fn with_retries<T, F, Fut>(mut call: F) -> Result<T, HostError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, HostError>>,
-{
-    let mut delay = Duration::from_millis(250);
-    for attempt in 1.. {
-        match call().await {
-            Err(error) if error.is_retryable() && attempt < 4 => {
-                tracing::warn!(%error, attempt, "cloud call failed; retrying");
-                let jitter = delay.mul_f64(fastrand::f64() * 0.5);
-                tokio::time::sleep(delay + jitter).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            other => return other,
-        }
-    }
-    unreachable!("the loop returns")
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
     #[error(transparent)]
     Cloud(#[from] HostError),
     #[error(transparent)]
     Database(#[from] DbError),
+    #[error("the leader term ended")]
+    TermEnded,
 }
 
 #[cfg(test)]
@@ -473,5 +768,18 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_eq!(a, token("upgrade/us-east-1/ami-1"));
         assert_ne!(a, token("upgrade/us-east-1/ami-2"));
+    }
+
+    #[test]
+    fn a_pass_destroys_a_share_of_the_region_and_at_least_one_host() {
+        let safety = Safety::default();
+        for (hosts, allowed) in [(0, 1), (1, 1), (9, 1), (10, 1), (19, 1), (20, 2), (105, 10)] {
+            let mut budget = Budget::for_region(&safety, hosts);
+            let mut taken = 0;
+            while budget.take() {
+                taken += 1;
+            }
+            assert_eq!(taken, allowed, "{hosts} hosts");
+        }
     }
 }

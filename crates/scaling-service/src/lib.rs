@@ -14,7 +14,6 @@ pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -25,10 +24,11 @@ use crate::algorithm::{BufferAlgorithm, ScalingAlgorithm};
 use crate::assign::Assigner;
 use crate::config::Config;
 use crate::controller::Controller;
-use crate::executor::Executor;
+use crate::executor::{Executor, Safety};
 use crate::fleet::FleetView;
 use crate::hosts::HostHandler;
 use crate::http::{AppState, RateLimiter};
+use crate::leader::Term;
 use crate::metrics::Metrics;
 
 /// A started service.
@@ -37,6 +37,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Whether this replica leads (runs the scaling) now.
     pub leader: watch::Receiver<bool>,
+    /// The current leader term, while this replica leads.
+    pub term: watch::Receiver<Option<Term>>,
     pub fleet: FleetView,
     shutdown: CancellationToken,
     finished: tokio::task::JoinHandle<()>,
@@ -76,18 +78,22 @@ pub async fn start(
     let metrics = Arc::new(Metrics::new());
     let background = CancellationToken::new();
     let fleet = FleetView::start(&db, options.live.unwrap_or_default(), background.clone());
-    let leader = if config.api_only {
-        watch::channel(false).1
+    let (terms, election) = if config.api_only {
+        (watch::channel(None).1, None)
     } else {
-        leader::spawn(
+        let election = leader::spawn(
             db.clone(),
-            config.lease_name.clone(),
-            config.replica_id.clone(),
-            config.lease,
+            leader::ElectionOptions {
+                name: config.lease_name.clone(),
+                replica: config.replica_id.clone(),
+                lease: config.lease,
+            },
             metrics.clone(),
             background.clone(),
-        )
+        );
+        (election.terms, Some(election.finished))
     };
+    let leader = leading(terms.clone());
     let controller = Arc::new(ControllerParts {
         fleet: fleet.clone(),
         algorithm: options
@@ -99,9 +105,13 @@ pub async fn start(
             environment: config.environment,
             user_data: config.user_data.clone(),
             metrics: metrics.clone(),
-            reconcile_grace: chrono::Duration::from_std(config.reconcile_grace)
-                .unwrap_or(chrono::Duration::minutes(2)),
-            leading: Some(leader.clone()),
+            safety: Safety {
+                reconcile_grace: chrono::Duration::from_std(config.reconcile_grace)
+                    .unwrap_or(chrono::Duration::minutes(2)),
+                max_destroy_share: config.max_destroy_share,
+                listing_loss_threshold: config.listing_loss_threshold,
+            },
+            cloud: config.cloud,
         }),
         config: config.clone(),
         metrics: metrics.clone(),
@@ -112,7 +122,7 @@ pub async fn start(
     let scaling_stop = CancellationToken::new();
     let scaling = tokio::spawn(lead_while_elected(
         controller,
-        leader.clone(),
+        terms.clone(),
         scaling_stop.clone(),
     ));
 
@@ -150,12 +160,16 @@ pub async fn start(
         scaling_stop.cancel();
         let _ = scaling.await;
         background.cancel();
-        // Give the lease release a moment to reach the database.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The election hands the lease back (bounded by a third of a lease), so another
+        // replica takes over at once.
+        if let Some(election) = election {
+            let _ = election.await;
+        }
     });
     Ok(Running {
         addr,
         leader,
+        term: terms,
         fleet,
         shutdown,
         finished,
@@ -172,21 +186,35 @@ struct ControllerParts {
     metrics: Arc<Metrics>,
 }
 
-/// Runs the controller whenever this replica leads, and stops it when leadership is lost.
+/// Whether a term is running, as a plain flag for readiness and tests.
+fn leading(mut terms: watch::Receiver<Option<Term>>) -> watch::Receiver<bool> {
+    let (flag, leading) = watch::channel(terms.borrow().is_some());
+    tokio::spawn(async move {
+        while terms.changed().await.is_ok() {
+            let now = terms.borrow_and_update().is_some();
+            flag.send_if_modified(|old| std::mem::replace(old, now) != now);
+        }
+    });
+    leading
+}
+
+/// Runs the controller for every term this replica leads, one term at a time.
 async fn lead_while_elected(
     parts: Arc<ControllerParts>,
-    mut leader: watch::Receiver<bool>,
+    mut terms: watch::Receiver<Option<Term>>,
     stop: CancellationToken,
 ) {
     loop {
-        tokio::select! {
-            // Stopping wins over a lease that is still held, so a stop never starts a term.
+        let term = tokio::select! {
+            // Stopping wins over a term that is still held, so a stop never starts one.
             biased;
             () = stop.cancelled() => return,
-            changed = leader.wait_for(|leading| *leading) => if changed.is_err() { return },
-        }
-        tracing::info!("leading: scaling starts");
-        let term = stop.child_token();
+            term = terms.wait_for(Option::is_some) => match term {
+                Ok(term) => term.clone().expect("waited for a term"),
+                Err(_) => return,
+            },
+        };
+        tracing::info!(generation = term.generation(), "leading: scaling starts");
         let controller = Controller {
             fleet: parts.fleet.clone(),
             algorithm: parts.algorithm.clone(),
@@ -197,13 +225,15 @@ async fn lead_while_elected(
             managed_regions: parts.config.managed_regions.clone(),
             settings: parts.settings.clone(),
         };
-        let running = tokio::spawn(controller.run(term.clone()));
-        tokio::select! {
-            () = stop.cancelled() => {}
-            _ = leader.wait_for(|leading| !*leading) => {}
+        // The controller ends with the term or the stop, after its tasks (bounded by the lease).
+        controller.run(term.clone(), stop.clone()).await;
+        tracing::info!(generation = term.generation(), "term over: scaling stopped");
+        if stop.is_cancelled() {
+            return;
         }
-        term.cancel();
-        let _ = running.await;
-        tracing::info!("no longer leading: scaling stopped");
+        // The next term starts only once this one is over for the election too.
+        let _ = terms
+            .wait_for(|next| next.as_ref().is_none_or(|next| !next.is(&term)))
+            .await;
     }
 }

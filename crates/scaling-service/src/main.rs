@@ -38,6 +38,7 @@ fn main() -> ExitCode {
             subnet_id: config.ec2_subnet.clone(),
             security_group_ids: config.ec2_security_groups.clone(),
             instance_profile_arn: config.ec2_instance_profile.clone(),
+            call_attempts: config.cloud.call_attempts,
             ..Ec2Options::default()
         }));
         let shutdown = CancellationToken::new();

@@ -24,6 +24,9 @@ pub struct Metrics {
     errors: Family<Labels, Counter>,
     upgrades: Family<Labels, Counter>,
     leader: Gauge,
+    paused: Family<Labels, Gauge>,
+    pauses: Family<Labels, Counter>,
+    deferred: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -88,8 +91,29 @@ impl Metrics {
             "1 while this replica runs the scaling",
             leader.clone(),
         );
+        let paused = Family::<Labels, Gauge>::default();
+        registry.register(
+            "region_destruction_paused",
+            "1 while nothing is terminated or deleted in a region, by reason (a listing that does not match the rows, hosts of another fleet)",
+            paused.clone(),
+        );
+        let pauses = Family::<Labels, Counter>::default();
+        registry.register(
+            "destruction_pauses",
+            "Passes in which a region's destructive work was paused, by reason",
+            pauses.clone(),
+        );
+        let deferred = Family::<Labels, Counter>::default();
+        registry.register(
+            "destruction_deferred",
+            "Terminations and deletions left for a later pass by the per-pass budget",
+            deferred.clone(),
+        );
         Self {
             registry,
+            paused,
+            pauses,
+            deferred,
             target,
             free,
             hosts,
@@ -157,6 +181,28 @@ impl Metrics {
     pub fn error(&self, kind: &str) {
         self.errors
             .get_or_create(&vec![("kind", kind.to_owned())])
+            .inc();
+    }
+
+    /// Records whether reconciliation paused `region`'s destructive work this pass, and why.
+    pub fn destruction_paused(&self, region: &str, reason: Option<&'static str>) {
+        for known in ["empty_listing", "lost_rows"] {
+            self.region_paused(region, known, reason == Some(known));
+        }
+    }
+
+    /// Records whether `region` is paused for `reason` now (counted each time it is).
+    pub fn region_paused(&self, region: &str, reason: &'static str, paused: bool) {
+        let labels = vec![("region", region.to_owned()), ("reason", reason.to_owned())];
+        if paused {
+            self.pauses.get_or_create(&labels).inc();
+        }
+        self.paused.get_or_create(&labels).set(i64::from(paused));
+    }
+
+    pub fn deferred(&self, region: &str) {
+        self.deferred
+            .get_or_create(&vec![("region", region.to_owned())])
             .inc();
     }
 

@@ -257,12 +257,13 @@ async fn launched_machines_run_then_terminate_and_leave_the_list() {
         .wait_terminated(REGION, &launched, Duration::from_secs(10))
         .await
         .expect("terminated");
+    // Terminated machines stay listed, as terminated, while the cloud still reports them.
+    let listed = handler.list(REGION, (TAG, &tag)).await.expect("list");
     assert!(
-        handler
-            .list(REGION, (TAG, &tag))
-            .await
-            .expect("list")
-            .is_empty()
+        listed
+            .iter()
+            .all(|host| host.state == CloudState::Terminated),
+        "{listed:?}"
     );
     // Terminating again is fine.
     handler
@@ -329,13 +330,50 @@ async fn terminating_unknown_or_no_machines_is_fine() {
         .wait_terminated(REGION, &mixed, Duration::from_secs(10))
         .await
         .expect("terminated");
+    let listed = handler.list(REGION, (TAG, &tag)).await.expect("list");
+    assert!(
+        listed
+            .iter()
+            .all(|host| host.state == CloudState::Terminated),
+        "{listed:?}"
+    );
+}
+
+/// Asked by id, the cloud answers for every id: running, terminated, or unknown (EC2's
+/// `InvalidInstanceID.NotFound`, which fails a whole call and is then asked id by id).
+#[tokio::test]
+async fn describing_by_id_answers_for_every_id() {
+    let handler = hosts();
+    let tag = unique("describe");
+    let launched = ids(&handler.launch(&request(&tag, 2)).await.expect("launch"));
+    handler
+        .terminate(REGION, &launched[..1])
+        .await
+        .expect("terminate one");
+    let unknown = "i-0aaaaaaaaaaaaaaaa".to_owned();
+    let asked = vec![launched[0].clone(), launched[1].clone(), unknown.clone()];
+    let described = handler.describe(REGION, &asked).await.expect("describe");
+    assert_eq!(described.len(), 3, "{described:?}");
+    assert_eq!(
+        described[&launched[0]].as_ref().map(|host| host.state),
+        Some(CloudState::Terminated)
+    );
+    assert!(matches!(
+        described[&launched[1]].as_ref().map(|host| host.state),
+        Some(CloudState::Running | CloudState::Pending)
+    ));
+    assert_eq!(described[&unknown], None, "unknown to the cloud");
     assert!(
         handler
-            .list(REGION, (TAG, &tag))
+            .describe(REGION, &[])
             .await
-            .expect("list")
+            .expect("nothing")
             .is_empty()
     );
+    handler
+        .terminate(REGION, &launched)
+        .await
+        .expect("clean up");
 }
 
 #[tokio::test]

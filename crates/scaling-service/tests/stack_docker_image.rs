@@ -124,6 +124,9 @@ async fn the_image_serves_health_and_assign_against_the_local_stack() {
         &format!("PORT={port}"),
         "-e",
         "APP_ENV=local",
+        // Without a token issuer, the local environment serves on loopback only.
+        "-e",
+        "WHIST_LISTEN=127.0.0.1:7730",
         "-e",
         &format!("HASURA_URL={}", stack.graphql_url),
         "-e",

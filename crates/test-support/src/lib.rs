@@ -11,6 +11,7 @@ pub mod bench;
 mod client;
 pub mod docs;
 mod engine;
+pub mod faults;
 pub mod foreground;
 pub mod jwt;
 pub mod mandelbox_image;

@@ -42,6 +42,12 @@ pub struct Instance {
     pub status: InstanceStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The fleet that launched the host (its `whist:fleet` tag value); `None` for rows from
+    /// before fleets were recorded, which no controller may delete.
+    #[serde(default)]
+    pub fleet: Option<String>,
+    /// The host's last heartbeat, on the database clock (nothing else moves it).
+    pub heartbeat_at: DateTime<Utc>,
 }
 
 impl Instance {
@@ -67,6 +73,9 @@ pub struct NewInstance {
     pub instance_type: String,
     pub remaining_capacity: i32,
     pub status: InstanceStatus,
+    /// The launching fleet (see [`Instance::fleet`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<String>,
 }
 
 /// An instance together with its mandelboxes, as the nested `mandelboxes` relationship returns.
@@ -94,6 +103,8 @@ mod tests {
             status: InstanceStatus::Active,
             created_at: DateTime::UNIX_EPOCH,
             updated_at: DateTime::UNIX_EPOCH,
+            fleet: None,
+            heartbeat_at: DateTime::UNIX_EPOCH,
         }
     }
 
@@ -125,10 +136,12 @@ mod tests {
             "client_sha": "abc", "ip_addr": null, "instance_type": "g4dn.2xlarge",
             "remaining_capacity": 2, "status": "PRE_CONNECTION",
             "created_at": "2026-11-23T10:00:00.123456+00:00",
-            "updated_at": "2026-11-23T10:00:00+00:00"
+            "updated_at": "2026-11-23T10:00:00+00:00",
+            "fleet": "whist-prod", "heartbeat_at": "2026-11-23T10:00:01+00:00"
         }))
         .expect("valid row");
         assert_eq!(row.status, InstanceStatus::PreConnection);
         assert_eq!(row.ip(), None);
+        assert_eq!(row.fleet.as_deref(), Some("whist-prod"));
     }
 }

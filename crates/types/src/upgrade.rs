@@ -52,5 +52,9 @@ pub struct ImageUpgrade {
 pub struct Lease {
     pub name: String,
     pub holder: Option<String>,
+    /// Bumped by the database whenever the lease changes hands: the fencing value of a term.
+    pub generation: i64,
     pub expires_at: DateTime<Utc>,
+    /// The database's clock when the lease was last written.
+    pub renewed_at: DateTime<Utc>,
 }

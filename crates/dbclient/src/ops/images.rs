@@ -69,7 +69,8 @@ mod tests {
 
     #[test]
     fn set_image_replaces_in_one_request() {
-        let document = set_image("AWS", "us-east-1", "ami-1", "abc").document();
+        let operation = set_image("AWS", "us-east-1", "ami-1", "abc");
+        let document = operation.document();
         let delete = document.find("delete_whist_images").expect("delete");
         let insert = document.find("insert_whist_images").expect("insert");
         assert!(delete < insert, "the old row goes first");

@@ -83,12 +83,13 @@ pub fn insert_instances(instances: &[NewInstance]) -> Operation<u64> {
 const REGISTER_INSTANCE: &str = concat!(
     "mutation RegisterInstance($id: String!, $ip_addr: inet!, $client_sha: String!) { ",
     "update_whist_instances(where: {id: {_eq: $id}, status: {_eq: \"PRE_CONNECTION\"}}, ",
-    "_set: {status: \"ACTIVE\", ip_addr: $ip_addr, client_sha: $client_sha}) { affected_rows returning { ",
+    "_set: {status: \"ACTIVE\", ip_addr: $ip_addr, client_sha: $client_sha, heartbeat_at: \"1970-01-01T00:00:00Z\"}) { affected_rows returning { ",
     instance_fields!(),
     " } } }"
 );
 
-/// A host's registration: PRE_CONNECTION → ACTIVE with its real address and full commit.
+/// A host's registration: PRE_CONNECTION → ACTIVE with its real address and full commit, and
+/// its first heartbeat.
 /// `None` when the row is not (or no longer) in PRE_CONNECTION, e.g. drained meanwhile.
 pub fn register_instance(id: &str, ip_addr: &str, client_sha: &str) -> Operation<Option<Instance>> {
     Operation::new(
@@ -99,17 +100,16 @@ pub fn register_instance(id: &str, ip_addr: &str, client_sha: &str) -> Operation
     )
 }
 
-const HEARTBEAT: &str = "mutation Heartbeat($id: String!, $now: timestamptz!) { update_whist_instances(where: {id: {_eq: $id}}, _set: {updated_at: $now}) { affected_rows } }";
+/// Any value written to `heartbeat_at` is replaced by the database's clock (trigger
+/// `instances_stamp_heartbeat`); this one says so to a reader of the document.
+const HEARTBEAT: &str = "mutation Heartbeat($id: String!) { update_whist_instances(where: {id: {_eq: $id}}, _set: {heartbeat_at: \"1970-01-01T00:00:00Z\"}) { affected_rows } }";
 
-/// Refreshes `updated_at` (the database clock stamps it). Returns whether the row still exists.
+/// Stamps `heartbeat_at` with the database's clock. Returns whether the row still exists.
 pub fn heartbeat(id: &str) -> Operation<bool> {
     let decode = affected_rows("update_whist_instances");
-    Operation::new(
-        "Heartbeat",
-        HEARTBEAT,
-        json!({ "id": id, "now": chrono::Utc::now() }),
-        move |data| decode(data).map(|rows| rows > 0),
-    )
+    Operation::new("Heartbeat", HEARTBEAT, json!({ "id": id }), move |data| {
+        decode(data).map(|rows| rows > 0)
+    })
 }
 
 const TRANSITION_INSTANCE: &str = concat!(
@@ -134,21 +134,21 @@ pub fn transition_instance(
 }
 
 const DRAIN_IDLE_INSTANCE: &str = concat!(
-    "mutation DrainIdleInstance($id: String!, $capacity: Int!) { ",
-    "update_whist_instances(where: {id: {_eq: $id}, status: {_eq: \"ACTIVE\"}, remaining_capacity: {_eq: $capacity}}, ",
+    "mutation DrainIdleInstance($id: String!, $capacity: Int!, $fleet: String!) { ",
+    "update_whist_instances(where: {id: {_eq: $id}, fleet: {_eq: $fleet}, status: {_eq: \"ACTIVE\"}, remaining_capacity: {_eq: $capacity}}, ",
     "_set: {status: \"DRAINING\"}) { affected_rows returning { ",
     instance_fields!(),
     " } } }"
 );
 
-/// Drains an ACTIVE instance only if nobody is assigned to it (its remaining capacity is its full
-/// `capacity`). The condition is on the row itself, so a claim racing this update either commits
-/// first (and this matches nothing) or finds the instance DRAINING and fails.
-pub fn drain_idle_instance(id: &str, capacity: u32) -> Operation<Option<Instance>> {
+/// Drains an ACTIVE instance of `fleet` only if nobody is assigned to it (its remaining capacity
+/// is its full `capacity`). The condition is on the row itself, so a claim racing this update
+/// either commits first (and this matches nothing) or finds the instance DRAINING and fails.
+pub fn drain_idle_instance(id: &str, capacity: u32, fleet: &str) -> Operation<Option<Instance>> {
     Operation::new(
         "DrainIdleInstance",
         DRAIN_IDLE_INSTANCE,
-        json!({ "id": id, "capacity": capacity }),
+        json!({ "id": id, "capacity": capacity, "fleet": fleet }),
         returning_one("update_whist_instances"),
     )
 }
@@ -185,6 +185,25 @@ pub fn delete_instance_and_mandelboxes(id: &str) -> Operation<bool> {
     )
 }
 
+const DELETE_FLEET_INSTANCE: &str = concat!(
+    "mutation DeleteFleetInstance($id: String!, $fleet: String!) { ",
+    "delete_whist_mandelboxes(where: {instance_id: {_eq: $id}, instance: {fleet: {_eq: $fleet}}}) { affected_rows } ",
+    "delete_whist_instances(where: {id: {_eq: $id}, fleet: {_eq: $fleet}}) { affected_rows } }"
+);
+
+/// The scaler's deletion of a host whose machine is gone: the row and its mandelbox rows, in one
+/// transaction, and only if the row belongs to `fleet` (rows of other fleets, and rows from
+/// before fleets were recorded, are never matched). Returns whether the row was deleted.
+pub fn delete_fleet_instance(id: &str, fleet: &str) -> Operation<bool> {
+    let decode = affected_rows("delete_whist_instances");
+    Operation::new(
+        "DeleteFleetInstance",
+        DELETE_FLEET_INSTANCE,
+        json!({ "id": id, "fleet": fleet }),
+        move |data| decode(data).map(|rows| rows > 0),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +219,7 @@ mod tests {
             instance_type: "g4dn.2xlarge".into(),
             remaining_capacity: 2,
             status: InstanceStatus::PreConnection,
+            fleet: Some("whist-prod".into()),
         }
     }
 
@@ -217,7 +237,8 @@ mod tests {
             &[InstanceStatus::Active],
             InstanceStatus::Draining,
         ));
-        assert_well_formed(&drain_idle_instance("i-1", 2));
+        assert_well_formed(&drain_idle_instance("i-1", 2, "whist-prod"));
+        assert_well_formed(&delete_fleet_instance("i-1", "whist-prod"));
         assert_well_formed(&delete_instance("i-1"));
         assert_well_formed(&delete_instance_and_mandelboxes("i-1"));
     }
@@ -248,6 +269,7 @@ mod tests {
             "instance_type",
             "remaining_capacity",
             "status",
+            "fleet",
         ] {
             assert!(object.get(column).is_some(), "missing {column}");
         }
@@ -256,9 +278,19 @@ mod tests {
 
     #[test]
     fn the_drain_condition_is_on_the_row_itself() {
-        let document = drain_idle_instance("i-1", 2).document();
+        let operation = drain_idle_instance("i-1", 2, "whist-prod");
+        let document = operation.document();
         assert!(document.contains("status: {_eq: \"ACTIVE\"}"));
         assert!(document.contains("remaining_capacity: {_eq: $capacity}"));
+        assert!(document.contains("fleet: {_eq: $fleet}"));
+    }
+
+    #[test]
+    fn the_scaler_deletes_only_its_own_fleet() {
+        let operation = delete_fleet_instance("i-1", "whist-prod");
+        let document = operation.document();
+        assert!(document.contains("instance: {fleet: {_eq: $fleet}}"));
+        assert!(document.contains("id: {_eq: $id}, fleet: {_eq: $fleet}"));
     }
 
     #[test]

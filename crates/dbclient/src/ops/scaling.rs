@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use whist_types::{ImageUpgrade, Lease, UpgradeStatus};
 
-use crate::Operation;
-use crate::operation::{field, returning_one};
+use crate::operation::{fence_check, fence_variables, field, returning_one};
+use crate::{Fence, Operation};
 
 /// The columns of `config.image_upgrades`.
 macro_rules! upgrade_fields {
@@ -96,24 +96,16 @@ pub fn swap_to_upgrade(upgrade: &ImageUpgrade) -> Operation<Option<ImageUpgrade>
     )
 }
 
-const ACQUIRE_LEASE: &str = concat!(
-    "mutation AcquireLease($name: String!, $holder: String!, $now: timestamptz!, $expires_at: timestamptz!) { ",
-    "update_config_leases(where: {name: {_eq: $name}, _or: [{holder: {_eq: $holder}}, {expires_at: {_lt: $now}}]}, ",
-    "_set: {holder: $holder, expires_at: $expires_at}) { affected_rows returning { name holder expires_at } } }"
-);
+const ACQUIRE_LEASE: &str = "mutation AcquireLease($name: String!, $holder: String!, $lease_seconds: Int!) { update_config_leases(where: {name: {_eq: $name}}, _set: {holder: $holder, lease_seconds: $lease_seconds}) { affected_rows returning { name holder generation expires_at renewed_at } } }";
 
-/// Takes or renews the lease `name` for `holder` until `expires_at`: succeeds only if `holder`
-/// already holds it or it expired before `now`. `None` when another holder has it.
-pub fn acquire_lease(
-    name: &str,
-    holder: &str,
-    now: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
-) -> Operation<Option<Lease>> {
+/// Takes or renews the lease `name` for `holder` for `lease_seconds`. The database decides, on
+/// its own clock (trigger `leases_decide`): the holder renews; anyone takes an expired lease;
+/// a live lease of another holder is left alone and this answers `None`.
+pub fn acquire_lease(name: &str, holder: &str, lease_seconds: u32) -> Operation<Option<Lease>> {
     Operation::new(
         "AcquireLease",
         ACQUIRE_LEASE,
-        json!({ "name": name, "holder": holder, "now": now, "expires_at": expires_at }),
+        json!({ "name": name, "holder": holder, "lease_seconds": lease_seconds }),
         returning_one("update_config_leases"),
     )
 }
@@ -128,7 +120,7 @@ pub fn create_lease(name: &str) -> Operation<()> {
     })
 }
 
-const RELEASE_LEASE: &str = "mutation ReleaseLease($name: String!, $holder: String!) { update_config_leases(where: {name: {_eq: $name}, holder: {_eq: $holder}}, _set: {holder: null, expires_at: \"1970-01-01T00:00:00Z\"}) { affected_rows returning { name holder expires_at } } }";
+const RELEASE_LEASE: &str = "mutation ReleaseLease($name: String!, $holder: String!) { update_config_leases(where: {name: {_eq: $name}, holder: {_eq: $holder}}, _set: {holder: null}) { affected_rows returning { name holder generation expires_at renewed_at } } }";
 
 /// Gives the lease up at once (a clean shutdown), if `holder` has it.
 pub fn release_lease(name: &str, holder: &str) -> Operation<Option<Lease>> {
@@ -137,6 +129,25 @@ pub fn release_lease(name: &str, holder: &str) -> Operation<Option<Lease>> {
         RELEASE_LEASE,
         json!({ "name": name, "holder": holder }),
         returning_one("update_config_leases"),
+    )
+}
+
+const LEASE_CHECK: &str = concat!(
+    "mutation LeaseCheck(",
+    fence_variables!(),
+    ") { ",
+    fence_check!(),
+    " }"
+);
+
+/// Nothing but the fence: proves, on the database's clock, that `fence` still holds its lease
+/// (`DbError::Fenced` when not). Run before cloud calls, which no database fence can stop.
+pub fn lease_check(fence: &Fence) -> Operation<()> {
+    Operation::new(
+        "LeaseCheck",
+        LEASE_CHECK,
+        serde_json::Value::Object(fence.variables()),
+        |_| Ok(()),
     )
 }
 
@@ -168,8 +179,13 @@ mod tests {
             UpgradeStatus::Shielded,
         ));
         assert_well_formed(&swap_to_upgrade(&upgrade()));
-        assert_well_formed(&acquire_lease("scaling", "a", Utc::now(), Utc::now()));
+        assert_well_formed(&acquire_lease("scaling", "a", 15));
         assert_well_formed(&release_lease("scaling", "a"));
+        assert_well_formed(&lease_check(&Fence {
+            lease: "scaling".into(),
+            holder: "a".into(),
+            generation: 1,
+        }));
         assert_well_formed(&create_lease("eu"));
     }
 

@@ -25,6 +25,9 @@ pub fn fast_live_options() -> LiveOptions {
     }
 }
 
+/// The fleet the tests' instance rows belong to.
+pub const FLEET: &str = "whist-test";
+
 /// A prefix no other test uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -40,6 +43,7 @@ pub fn new_instance(id: &str, region: &str, capacity: i32, status: InstanceStatu
         instance_type: "g4dn.2xlarge".to_owned(),
         remaining_capacity: capacity,
         status,
+        fleet: Some(FLEET.to_owned()),
     }
 }
 

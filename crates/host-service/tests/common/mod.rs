@@ -97,6 +97,7 @@ impl Host {
             instance_type: INSTANCE_TYPE.into(),
             remaining_capacity: options.capacity,
             status: InstanceStatus::PreConnection,
+            fleet: None,
         }]))
         .await
         .expect("insert instance row");

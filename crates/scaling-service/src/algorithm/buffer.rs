@@ -25,6 +25,10 @@
 //!    image once the matching client is published and a new host is ACTIVE, or rolls back if no new
 //!    host is ACTIVE by its deadline (`Shielded`).
 //!
+//! Hosts of no fleet (rows from before fleets were recorded) serve and count as capacity like any
+//! other, but are never terminated or drained: only a host of this controller's own fleet is.
+//! An instance type the cloud recently had no capacity for is skipped for the next allowed one.
+//!
 //! A host with sessions is never drained. Actions come out as terminations, drains, launches and
 //! then the upgrade's step, hosts sorted by id within a kind, at most one action per host.
 
@@ -68,21 +72,27 @@ fn decide(snapshot: &RegionSnapshot, now: DateTime<Utc>) -> Vec<Action> {
         let is_current = current.is_some_and(|image| host.image_id == image.image_id);
         let is_shielded = upgrade.is_some_and(|upgrade| host.image_id == upgrade.image.image_id);
 
-        // 1. Dead hosts.
+        // 1. Dead hosts (only this fleet's are terminated; others just count for nothing).
         if host.status == InstanceStatus::PreConnection {
             if !is_shielded && now - host.created_at > settings.instance_ready_timeout {
-                terminations.push((&host.id, TerminateReason::NeverReady));
+                if host.owned {
+                    terminations.push((&host.id, TerminateReason::NeverReady));
+                }
                 continue;
             }
         } else if now - host.heartbeat_at > settings.heartbeat_timeout {
-            terminations.push((&host.id, TerminateReason::HeartbeatLost));
+            if host.owned {
+                terminations.push((&host.id, TerminateReason::HeartbeatLost));
+            }
             continue;
         }
+        // What follows may drain: a host of no fleet only counts.
+        let drainable = host.owned && host.is_idle();
 
         match host.status {
             // 2. Drained hosts.
             InstanceStatus::Draining => {
-                if host.is_idle() {
+                if host.is_idle() && host.owned {
                     terminations.push((&host.id, TerminateReason::Drained));
                 }
             }
@@ -96,20 +106,20 @@ fn decide(snapshot: &RegionSnapshot, now: DateTime<Utc>) -> Vec<Action> {
                 new_host_active |= is_shielded;
                 if !enabled {
                     // 7. Disabled region.
-                    if host.is_idle() {
+                    if drainable {
                         drains.push((&host.id, DrainReason::RegionDisabled));
                     }
                 } else if is_current {
                     // 3. and candidates for 5.
                     free += free_sessions(host);
-                    if host.is_idle()
+                    if drainable
                         && host
                             .idle_since
                             .is_some_and(|since| now - since >= settings.scale_down_delay)
                     {
                         surplus.push(host);
                     }
-                } else if !is_shielded && current.is_some() && host.is_idle() {
+                } else if !is_shielded && current.is_some() && drainable {
                     // 6. Old images.
                     drains.push((&host.id, DrainReason::OldImage));
                 }
@@ -123,7 +133,7 @@ fn decide(snapshot: &RegionSnapshot, now: DateTime<Utc>) -> Vec<Action> {
         // 4. Scale up.
         if free < desired
             && cooled_down(snapshot.last_scale_up, settings.scale_up_cooldown, now)
-            && let Some((instance_type, capacity)) = launch_type(&snapshot.instance_types)
+            && let Some((instance_type, capacity)) = launch_type(snapshot)
         {
             launches.push(Action::Launch {
                 image: image.clone(),
@@ -165,7 +175,7 @@ fn decide(snapshot: &RegionSnapshot, now: DateTime<Utc>) -> Vec<Action> {
             }
             UpgradeState::Pending => {
                 if desired > 0
-                    && let Some((instance_type, capacity)) = launch_type(&snapshot.instance_types)
+                    && let Some((instance_type, capacity)) = launch_type(snapshot)
                 {
                     launches.push(Action::Launch {
                         image: upgrade.image.clone(),
@@ -240,10 +250,13 @@ fn cooled_down(last: Option<DateTime<Utc>>, cooldown: Duration, now: DateTime<Ut
     last.is_none_or(|last| now - last >= cooldown)
 }
 
-/// The first allowed instance type that holds any session, with its capacity.
-fn launch_type(instance_types: &[String]) -> Option<(&str, u32)> {
-    instance_types
+/// The first allowed instance type that holds any session and that the cloud has not recently
+/// lacked capacity for, with its capacity.
+fn launch_type(snapshot: &RegionSnapshot) -> Option<(&str, u32)> {
+    snapshot
+        .instance_types
         .iter()
+        .filter(|name| !snapshot.unavailable_types.contains(name))
         .map(|name| (name.as_str(), capacity_of(name)))
         .find(|(_, capacity)| *capacity > 0)
 }
@@ -326,6 +339,7 @@ mod tests {
             remaining: 2,
             created_at: ago(7200),
             heartbeat_at: now(),
+            owned: true,
             idle_since: Some(ago(3600)),
         }
     }
@@ -360,6 +374,8 @@ mod tests {
         fn idle_since_unknown(self) -> Self;
         fn heartbeat_ago(self, seconds: i64) -> Self;
         fn created_ago(self, seconds: i64) -> Self;
+        /// A row of no fleet (from before fleets were recorded).
+        fn unowned(self) -> Self;
     }
 
     impl HostExt for HostView {
@@ -413,6 +429,12 @@ mod tests {
                 ..self
             }
         }
+        fn unowned(self) -> Self {
+            Self {
+                owned: false,
+                ..self
+            }
+        }
     }
 
     /// An enabled region on the current image with the client published, wanting 4 free sessions
@@ -423,6 +445,7 @@ mod tests {
             enabled: true,
             desired_free: 4,
             instance_types: vec![CAP2.to_owned()],
+            unavailable_types: Vec::new(),
             current_image: Some(current_image()),
             upgrade: None,
             published_client_sha: Some(CUR_SHA.to_owned()),
@@ -450,9 +473,17 @@ mod tests {
         fn published(self, client_sha: &str) -> Self;
         fn scaled_up_ago(self, seconds: i64) -> Self;
         fn scaled_down_ago(self, seconds: i64) -> Self;
+        /// The cloud recently had no capacity for these types.
+        fn short_of(self, instance_types: &[&str]) -> Self;
     }
 
     impl RegionExt for RegionSnapshot {
+        fn short_of(self, instance_types: &[&str]) -> Self {
+            Self {
+                unavailable_types: instance_types.iter().map(|t| (*t).to_owned()).collect(),
+                ..self
+            }
+        }
         fn desired(self, desired_free: u32) -> Self {
             Self {
                 desired_free,
@@ -637,6 +668,68 @@ mod tests {
                 "no type with capacity -> no launch",
                 region(vec![]).types(&[UNKNOWN]),
                 vec![],
+            ),
+            case(
+                "no capacity for the first type: the next allowed one launches",
+                region(vec![]).types(&[CAP2, CAP3]).short_of(&[CAP2]),
+                vec![launch(CAP3, 2)],
+            ),
+            case(
+                "no capacity for any allowed type: nothing launches",
+                region(vec![]).types(&[CAP2, CAP3]).short_of(&[CAP3, CAP2]),
+                vec![],
+            ),
+            case(
+                "a host of no fleet counts as capacity",
+                region(vec![active("a").unowned(), active("b")]),
+                vec![],
+            ),
+            case(
+                "a dead host of no fleet is not terminated, and not counted",
+                region(vec![
+                    active("a").unowned().heartbeat_ago(HEARTBEAT + 1),
+                    active("b"),
+                ]),
+                vec![launch(CAP2, 1)],
+            ),
+            case(
+                "a host of no fleet that never registered is not terminated",
+                region(vec![
+                    booting("a").unowned().created_ago(READY + 1),
+                    active("b"),
+                    active("c"),
+                ]),
+                vec![],
+            ),
+            case(
+                "an empty DRAINING host of no fleet is not terminated",
+                region(vec![draining("a").unowned(), active("b"), active("c")]),
+                vec![],
+            ),
+            case(
+                "surplus never drains a host of no fleet",
+                region(vec![
+                    active("a").unowned(),
+                    active("b").unowned(),
+                    active("c"),
+                    active("d").unowned(),
+                ])
+                .desired(2),
+                vec![drain("c", Surplus)],
+            ),
+            case(
+                "a host of no fleet on an old image is not drained",
+                region(vec![
+                    active("a").unowned().image(OLD),
+                    active("b"),
+                    active("c"),
+                ]),
+                vec![],
+            ),
+            case(
+                "a disabled region drains only its own fleet's idle hosts",
+                region(vec![active("a").unowned(), active("b")]).disabled(),
+                vec![drain("b", RegionDisabled)],
             ),
             case(
                 "no allowed type -> no launch",
@@ -1101,6 +1194,7 @@ mod tests {
                         remaining,
                         created_at: ago(rng.i64(0..2 * READY)),
                         heartbeat_at: ago(rng.i64(0..2 * HEARTBEAT)),
+                        owned: rng.u8(..4) != 0,
                         idle_since: rng.bool().then(|| ago(rng.i64(0..2 * DELAY))),
                     }
                 })
@@ -1142,11 +1236,25 @@ mod tests {
                             acted.insert(instance_id.clone()),
                             "round {round}: {actions:?}"
                         );
+                        assert!(
+                            snapshot
+                                .hosts
+                                .iter()
+                                .any(|host| &host.id == instance_id && host.owned),
+                            "round {round}: terminated a host of no fleet: {actions:?}"
+                        );
                     }
                     Action::Drain { instance_id, .. } => {
                         assert!(
                             acted.insert(instance_id.clone()),
                             "round {round}: {actions:?}"
+                        );
+                        assert!(
+                            snapshot
+                                .hosts
+                                .iter()
+                                .any(|host| &host.id == instance_id && host.owned),
+                            "round {round}: drained a host of no fleet: {actions:?}"
                         );
                         assert!(
                             snapshot.hosts.iter().any(|host| &host.id == instance_id

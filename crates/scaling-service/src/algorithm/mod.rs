@@ -23,6 +23,8 @@ pub struct RegionSnapshot {
     pub desired_free: u32,
     /// Instance types allowed in this region, in order of preference.
     pub instance_types: Vec<String>,
+    /// Allowed types the cloud recently had no capacity for: launches fall back to the next.
+    pub unavailable_types: Vec<String>,
     /// The region's current image (`whist.images`); `None` means nothing can be launched.
     pub current_image: Option<ImageRef>,
     /// An image upgrade in progress for this region, if any.
@@ -71,8 +73,11 @@ pub struct HostView {
     /// Free sessions now (`remaining_capacity`).
     pub remaining: i32,
     pub created_at: DateTime<Utc>,
-    /// The last heartbeat (`updated_at`).
+    /// The last heartbeat (`heartbeat_at`, on the database clock).
     pub heartbeat_at: DateTime<Utc>,
+    /// The row belongs to this controller's fleet. Other rows (from before fleets were
+    /// recorded) count as capacity but are never drained or terminated.
+    pub owned: bool,
     /// Since when the host has had no session, if it has none now.
     pub idle_since: Option<DateTime<Utc>>,
 }

@@ -22,7 +22,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
-use super::{CloudHost, CloudState, HostError, HostHandler, LaunchRequest};
+use super::{CloudHost, CloudState, Described, HostError, HostHandler, LaunchRequest};
 
 /// Runs after a host process has exited, with its instance id: removes what it left behind.
 pub type ExitHook = Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>;
@@ -422,12 +422,30 @@ impl HostHandler for LocalHosts {
             .values()
             .map(Tracked::snapshot)
             .filter(|host| {
-                host.region == region
-                    && host.state != CloudState::Terminated
-                    && host.tags.get(tag.0).map(String::as_str) == Some(tag.1)
+                host.region == region && host.tags.get(tag.0).map(String::as_str) == Some(tag.1)
             })
             .collect();
         std::future::ready(Ok(hosts)).boxed()
+    }
+
+    fn describe<'a>(
+        &'a self,
+        region: &'a str,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Described, HostError>> {
+        let state = self.lock();
+        let described = ids
+            .iter()
+            .map(|id| {
+                let host = state
+                    .hosts
+                    .get(id)
+                    .map(Tracked::snapshot)
+                    .filter(|host| host.region == region);
+                (id.clone(), host)
+            })
+            .collect();
+        std::future::ready(Ok(described)).boxed()
     }
 }
 

@@ -1,7 +1,7 @@
 //! Cloud machines behind the [`HostHandler`] trait: EC2 (`ec2.rs`, the only module that imports
 //! the AWS SDK) and host-service processes on this computer for development (`local.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -77,6 +77,10 @@ impl HostError {
     }
 }
 
+/// What the cloud answered for each id asked about: the machine, or `None` when the cloud says
+/// it does not know that id (EC2's `InvalidInstanceID.NotFound`).
+pub type Described = HashMap<String, Option<CloudHost>>;
+
 /// The narrow interface the executor needs from a cloud.
 pub trait HostHandler: Send + Sync + std::fmt::Debug + 'static {
     /// Launches `count` machines (all or none where the cloud allows); returns them as launched.
@@ -107,10 +111,19 @@ pub trait HostHandler: Send + Sync + std::fmt::Debug + 'static {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<(), HostError>>;
 
-    /// Machines in `region` carrying the tag `key=value`, in any state but terminated.
+    /// Machines in `region` carrying the tag `key=value`, in every state the cloud still reports
+    /// (recently terminated ones included). A listing proves nothing about a machine it lacks.
     fn list<'a>(
         &'a self,
         region: &'a str,
         tag: (&'a str, &'a str),
     ) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>>;
+
+    /// Asks about each machine in `ids` by its id: the positive answer a row's deletion needs.
+    /// Every id asked about is in the answer.
+    fn describe<'a>(
+        &'a self,
+        region: &'a str,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Described, HostError>>;
 }

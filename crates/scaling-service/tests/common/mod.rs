@@ -229,6 +229,7 @@ impl Region {
                 .into(),
                 remaining_capacity: boxes_each as i32,
                 status: InstanceStatus::PreConnection,
+                fleet: Some("whist-dev".into()),
             })
             .collect();
         db.execute(&ops::insert_instances(&rows))

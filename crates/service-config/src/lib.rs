@@ -1,0 +1,235 @@
+//! The options both services share, parsed by each binary with `#[command(flatten)]`, and the
+//! one rule that decides whether callers' tokens are checked.
+//!
+//! The rule: tokens go unchecked only when the operator said `--environment local` *and* every
+//! caller-facing listener is on a loopback address. Nothing else switches authentication off,
+//! and a missing option never does: without `--environment` neither binary starts, and without
+//! `--auth-issuer` a service outside that one case refuses to start and names the option.
+
+use std::net::SocketAddr;
+
+use url::Url;
+use whist_auth::JwtConfig;
+use whist_dbclient::HasuraConfig;
+use whist_types::Environment;
+
+/// The audience the clients' tokens carry unless told otherwise.
+pub const DEFAULT_AUDIENCE: &str = "https://api.fractal.co";
+
+/// Environment, database and caller-authentication options, the same in both services.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SharedArgs {
+    /// Deployment environment: local, dev, staging or prod. Required: it names the fleet this
+    /// service belongs to (tags, rows, the published client it follows), and only `local`
+    /// allows running without token checks.
+    #[arg(long, env = "APP_ENV")]
+    pub environment: Environment,
+
+    /// Hasura's GraphQL HTTP endpoint.
+    #[arg(
+        long,
+        env = "HASURA_URL",
+        default_value = "http://127.0.0.1:8080/v1/graphql"
+    )]
+    pub hasura_url: Url,
+
+    /// Hasura's websocket endpoint for live queries; derived from `--hasura-url` when absent.
+    #[arg(long, env = "HASURA_WEBSOCKET_URL")]
+    pub hasura_websocket_url: Option<Url>,
+
+    /// Hasura's admin secret.
+    #[arg(long, env = "HASURA_ADMIN_SECRET", hide_env_values = true)]
+    pub hasura_admin_secret: Option<String>,
+
+    /// Issuer of the clients' JWTs (its JWKS is `<issuer>.well-known/jwks.json` unless
+    /// `--auth-jwks-url` says otherwise). Required unless the environment is `local` and every
+    /// caller-facing listener is on loopback.
+    #[arg(long, env = "WHIST_AUTH_ISSUER")]
+    pub auth_issuer: Option<Url>,
+
+    /// Audience the clients' JWTs must carry.
+    #[arg(long, env = "WHIST_AUTH_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
+    pub auth_audience: String,
+
+    /// JWKS location when it is not under the issuer.
+    #[arg(long, env = "WHIST_AUTH_JWKS_URL")]
+    pub auth_jwks_url: Option<Url>,
+}
+
+/// How callers are identified.
+#[derive(Debug, Clone)]
+pub enum CallerAuth {
+    /// Every caller presents a token signed by the issuer.
+    Tokens(Box<JwtConfig>),
+    /// Callers name themselves: local development on loopback only.
+    Unchecked,
+}
+
+impl CallerAuth {
+    pub fn jwt(&self) -> Option<&JwtConfig> {
+        match self {
+            Self::Tokens(config) => Some(config),
+            Self::Unchecked => None,
+        }
+    }
+}
+
+/// Why the shared options cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthRuleError {
+    #[error(
+        "--auth-issuer is required with --environment {environment}: callers' tokens go unchecked only in the local environment"
+    )]
+    IssuerRequired { environment: Environment },
+    #[error(
+        "--auth-issuer is required: {option} is {addr}, not a loopback address, and callers' tokens go unchecked only on loopback"
+    )]
+    IssuerRequiredOffLoopback {
+        option: &'static str,
+        addr: SocketAddr,
+    },
+}
+
+impl SharedArgs {
+    /// The database connection these options describe.
+    pub fn hasura(&self) -> HasuraConfig {
+        let mut hasura =
+            HasuraConfig::new(self.hasura_url.clone(), self.hasura_admin_secret.clone());
+        hasura.websocket_url = self.hasura_websocket_url.clone();
+        hasura
+    }
+
+    /// Applies the rule. `listeners` are the caller-facing addresses with the option that sets
+    /// each (`("--listen", addr)`); operational endpoints (health, metrics) are not callers'.
+    pub fn caller_auth(
+        &self,
+        listeners: &[(&'static str, SocketAddr)],
+    ) -> Result<CallerAuth, AuthRuleError> {
+        if let Some(issuer) = &self.auth_issuer {
+            return Ok(CallerAuth::Tokens(Box::new(JwtConfig {
+                jwks_url: self.auth_jwks_url.clone(),
+                ..JwtConfig::new(issuer.clone(), self.auth_audience.clone())
+            })));
+        }
+        if self.environment != Environment::Local {
+            return Err(AuthRuleError::IssuerRequired {
+                environment: self.environment,
+            });
+        }
+        if let Some(&(option, addr)) = listeners.iter().find(|(_, addr)| !addr.ip().is_loopback()) {
+            return Err(AuthRuleError::IssuerRequiredOffLoopback { option, addr });
+        }
+        Ok(CallerAuth::Unchecked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Probe {
+        #[command(flatten)]
+        shared: SharedArgs,
+    }
+
+    fn shared(args: &[&str]) -> Result<SharedArgs, String> {
+        Probe::try_parse_from(std::iter::once("probe").chain(args.iter().copied()))
+            .map(|probe| probe.shared)
+            .map_err(|error| error.to_string())
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("address")
+    }
+
+    #[test]
+    fn the_environment_has_no_default() {
+        let error = shared(&[]).expect_err("no environment");
+        assert!(error.contains("--environment"), "{error}");
+    }
+
+    /// Every combination of environment, issuer and listener address.
+    #[test]
+    fn tokens_go_unchecked_only_in_local_on_loopback() {
+        let loopback = [("--listen", addr("127.0.0.1:7730"))];
+        let loopback_range = [("--listen", addr("127.0.1.7:4678"))];
+        let ipv6_loopback = [("--listen", addr("[::1]:7730"))];
+        let open = [("--listen", addr("0.0.0.0:7730"))];
+        let mixed = [
+            ("--listen", addr("127.0.0.1:4678")),
+            ("--other", addr("10.1.2.3:4678")),
+        ];
+        for environment in ["local", "dev", "staging", "prod"] {
+            for listeners in [
+                &loopback[..],
+                &loopback_range[..],
+                &ipv6_loopback[..],
+                &open[..],
+                &mixed[..],
+            ] {
+                let all_loopback = listeners.iter().all(|(_, a)| a.ip().is_loopback());
+                let without = shared(&["--environment", environment])
+                    .expect("parses")
+                    .caller_auth(listeners);
+                let with = shared(&[
+                    "--environment",
+                    environment,
+                    "--auth-issuer",
+                    "https://auth.example.com/",
+                ])
+                .expect("parses")
+                .caller_auth(listeners);
+                assert!(
+                    matches!(with, Ok(CallerAuth::Tokens(_))),
+                    "{environment} {listeners:?}: an issuer always means tokens"
+                );
+                match without {
+                    Ok(CallerAuth::Unchecked) => assert!(
+                        environment == "local" && all_loopback,
+                        "{environment} {listeners:?} must not run unchecked"
+                    ),
+                    Ok(CallerAuth::Tokens(_)) => panic!("tokens without an issuer"),
+                    Err(error) => {
+                        assert!(environment != "local" || !all_loopback);
+                        assert!(error.to_string().contains("--auth-issuer"), "{error}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_refusal_names_the_listener() {
+        let error = shared(&["--environment", "local"])
+            .expect("parses")
+            .caller_auth(&[("--listen", addr("0.0.0.0:7730"))])
+            .expect_err("open listener");
+        assert!(
+            error.to_string().contains("--listen is 0.0.0.0:7730"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_jwks_location_is_carried() {
+        let auth = shared(&[
+            "--environment",
+            "prod",
+            "--auth-issuer",
+            "https://auth.example.com/",
+            "--auth-jwks-url",
+            "https://keys.example.com/jwks.json",
+        ])
+        .expect("parses")
+        .caller_auth(&[])
+        .expect("tokens");
+        let jwt = auth.jwt().expect("tokens");
+        assert_eq!(
+            jwt.jwks_url.as_ref().map(Url::as_str),
+            Some("https://keys.example.com/jwks.json")
+        );
+        assert_eq!(jwt.audience, DEFAULT_AUDIENCE);
+    }
+}
