@@ -14,6 +14,15 @@ fn sql(statement: &str) -> String {
     whist_test_support::shared().sql(statement).expect("sql")
 }
 
+/// Makes a host's last heartbeat an hour old, as if it had stopped beating. Triggers are off
+/// for this one session only (`session_replication_role`), so nobody else's writes are affected.
+fn age_heartbeat(id: &str) {
+    sql(&format!(
+        "SET session_replication_role = replica; \
+         UPDATE whist.instances SET heartbeat_at = now() - interval '1 hour' WHERE id = '{id}'"
+    ));
+}
+
 async fn acquire(client: &HasuraClient, name: &str, holder: &str, seconds: u32) -> Option<i64> {
     client
         .execute(&ops::acquire_lease(name, holder, seconds))
@@ -211,11 +220,7 @@ async fn a_host_whose_heartbeat_stopped_gets_no_claim() {
     let (instances, boxes) = active_fleet(&client, &region, 1, 3).await;
     let id = &instances[0];
     // The setting is fleet-wide: this test ages the heartbeat instead of shortening the limit.
-    sql(&format!(
-        "ALTER TABLE whist.instances DISABLE TRIGGER instances_stamp_heartbeat; \
-         UPDATE whist.instances SET heartbeat_at = now() - interval '1 hour' WHERE id = '{id}'; \
-         ALTER TABLE whist.instances ENABLE TRIGGER instances_stamp_heartbeat"
-    ));
+    age_heartbeat(id);
     let refused = client
         .claim_mandelbox(boxes[0], &unique("user"), "1")
         .await

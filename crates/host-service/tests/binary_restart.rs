@@ -83,15 +83,66 @@ async fn a_killed_service_adopts_its_live_session_and_zygotes_on_restart() {
     assert!(host.containers().await.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_configuration_exits_2_with_a_message() {
+/// Runs the binary with `args` and no environment variables of its own; its exit code and
+/// everything it printed.
+fn run_binary(args: &[&str]) -> (Option<i32>, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_host-service"))
-        .args(["--environment", "prod"])
+        .args(args)
+        .env_remove("APP_ENV")
+        .env_remove("WHIST_AUTH_ISSUER")
+        .env_remove("WHIST_LISTEN")
         .env("HASURA_URL", "http://127.0.0.1:9/v1/graphql")
         .output()
         .expect("runs");
-    assert_eq!(output.status.code(), Some(2));
     let text = String::from_utf8_lossy(&output.stdout).to_string()
         + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_exits_2_with_a_message() {
+    let (code, text) = run_binary(&["--environment", "prod"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("--auth-issuer"), "{text}");
+}
+
+/// A forgotten environment never starts a service in some default mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_environment_it_refuses_to_start() {
+    let (code, text) = run_binary(&["--local", "--instance-id", "i-1"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("--environment"), "{text}");
+}
+
+/// Without tokens, `json_transport` may listen on loopback only, whatever else is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_without_an_issuer_off_loopback_refuses_to_start() {
+    for listen in ["0.0.0.0:4678", "192.0.2.10:4678"] {
+        let (code, text) = run_binary(&[
+            "--environment",
+            "local",
+            "--local",
+            "--instance-id",
+            "i-1",
+            "--listen",
+            listen,
+        ]);
+        assert_eq!(code, Some(2), "{listen}: {text}");
+        assert!(
+            text.contains("--auth-issuer") && text.contains(&format!("--listen is {listen}")),
+            "{text}"
+        );
+    }
+    // `--local` (where the identity comes from) never turns tokens off outside `local`.
+    let (code, text) = run_binary(&[
+        "--environment",
+        "dev",
+        "--local",
+        "--instance-id",
+        "i-1",
+        "--listen",
+        "127.0.0.1:4678",
+    ]);
+    assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("--auth-issuer"), "{text}");
 }

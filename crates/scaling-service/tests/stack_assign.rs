@@ -326,3 +326,69 @@ async fn json_transport_reaches_only_the_callers_own_mandelbox() {
     // body names; nothing listens there in this test, so the proxy says the host is unreachable.
     assert_eq!(put(owner, id).await, 502);
 }
+
+/// A host whose heartbeat stopped gets no session, whatever free boxes its rows still show; it
+/// takes sessions again once it beats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_heartbeat_stopped_gets_no_assignment() {
+    let scaler = scaler(&[]).await;
+    let region = Region::create(&scaler.db, 0, true).await;
+    let hosts = region
+        .active_hosts(&scaler.db, 2, 2, &region.image_id)
+        .await;
+    wait_for_fleet(&scaler, &region, 4).await;
+    let (dead, alive) = (&hosts[0], &hosts[1]);
+    // An hour without a heartbeat (past the default 90 s of
+    // `config.settings.assign_heartbeat_max_age_seconds`); triggers off for this session only.
+    whist_test_support::shared()
+        .sql(&format!(
+            "SET session_replication_role = replica; \
+             UPDATE whist.instances SET heartbeat_at = now() - interval '1 hour' WHERE id = '{dead}'"
+        ))
+        .expect("age the heartbeat");
+
+    for _ in 0..2 {
+        let (status, body) = scaler
+            .assign_as(
+                &unique("user"),
+                assign_body(&[&region.name], &region.client_sha),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let on = |host: &String| {
+        let db = scaler.db.clone();
+        let host = host.clone();
+        async move {
+            boxes_on(&db, &host)
+                .await
+                .iter()
+                .filter(|mandelbox| mandelbox.user_id.is_some())
+                .count()
+        }
+    };
+    assert_eq!(on(alive).await, 2, "both sessions on the live host");
+    assert_eq!(on(dead).await, 0, "none on the dead one");
+    let (status, body) = scaler
+        .assign_as(
+            &unique("user"),
+            assign_body(&[&region.name], &region.client_sha),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "NO_INSTANCE_AVAILABLE", "{body}");
+
+    scaler
+        .db
+        .execute(&whist_dbclient::ops::heartbeat(dead))
+        .await
+        .expect("beat");
+    let (status, body) = scaler
+        .assign_as(
+            &unique("user"),
+            assign_body(&[&region.name], &region.client_sha),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(on(dead).await, 1, "beating again, it takes sessions");
+}

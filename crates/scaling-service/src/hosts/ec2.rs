@@ -619,11 +619,13 @@ impl Ec2Hosts {
         let Some(output) = answer else {
             return Err(ById::NotFound);
         };
-        let mut described: Described = ids.iter().map(|id| (id.clone(), None)).collect();
+        // Only EC2's own "not found" says a machine is unknown: an id a successful answer
+        // leaves out is no answer at all, and stays out.
+        let mut described = Described::new();
         for reservation in output.reservations() {
             for instance in reservation.instances() {
                 let host = cloud_host(region, instance);
-                if described.contains_key(&host.id) {
+                if ids.contains(&host.id) {
                     described.insert(host.id.clone(), Some(host));
                 }
             }

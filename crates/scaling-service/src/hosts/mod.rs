@@ -120,7 +120,7 @@ pub trait HostHandler: Send + Sync + std::fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<Vec<CloudHost>, HostError>>;
 
     /// Asks about each machine in `ids` by its id: the positive answer a row's deletion needs.
-    /// Every id asked about is in the answer.
+    /// An id the cloud gave no answer for is left out.
     fn describe<'a>(
         &'a self,
         region: &'a str,

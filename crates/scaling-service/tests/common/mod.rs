@@ -40,9 +40,13 @@ pub fn fast_live_options() -> LiveOptions {
 
 /// EC2 on the shared moto server, with static test credentials: never the real AWS.
 pub fn ec2() -> Arc<Ec2Hosts> {
-    let moto = whist_test_support::moto::shared_moto();
+    ec2_at(&whist_test_support::moto::shared_moto().endpoint())
+}
+
+/// EC2 at `endpoint` (a fault proxy in front of moto), with static test credentials.
+pub fn ec2_at(endpoint: &str) -> Arc<Ec2Hosts> {
     Arc::new(Ec2Hosts::new(Ec2Options {
-        endpoint_url: Some(moto.endpoint()),
+        endpoint_url: Some(endpoint.to_owned()),
         credentials: Some(("testing".into(), "testing".into())),
         poll_interval: Duration::from_millis(200),
         ..Ec2Options::default()
@@ -57,6 +61,8 @@ pub struct Scaler {
     pub shutdown: CancellationToken,
     pub http: reqwest::Client,
     pub extra_args: Vec<String>,
+    /// The cloud this scaler uses; the shared moto when `None`.
+    pub hosts: Option<Arc<dyn scaling_service::hosts::HostHandler>>,
 }
 
 impl Scaler {
@@ -70,6 +76,7 @@ impl Scaler {
             shutdown: CancellationToken::new(),
             http: reqwest::Client::new(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            hosts: None,
         };
         scaler.launch().await;
         scaler
@@ -113,9 +120,10 @@ impl Scaler {
             .expect("arguments parse")
             .validate()
             .expect("valid configuration");
+        let hosts = self.hosts.clone().unwrap_or_else(|| ec2());
         let running = scaling_service::start(
             config,
-            ec2(),
+            hosts,
             StartOptions {
                 live: Some(fast_live_options()),
                 settings: self.settings.clone(),
@@ -161,6 +169,22 @@ impl Scaler {
 
     pub fn is_leader(&self) -> bool {
         *self.running.as_ref().expect("running").leader.borrow()
+    }
+
+    /// The value of one sample of `/metrics` (`name{labels}` as written there), 0 if absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 }
 
@@ -298,6 +322,18 @@ impl Scaler {
         lease: &str,
         replica: &str,
     ) -> Self {
+        Self::scaling_with(issuer, regions, lease, replica, None, &[]).await
+    }
+
+    /// [`Scaler::scaling`] on its own cloud (`None`: the shared moto) with more options.
+    pub async fn scaling_with(
+        issuer: Arc<TestIssuer>,
+        regions: &[&str],
+        lease: &str,
+        replica: &str,
+        hosts: Option<Arc<dyn scaling_service::hosts::HostHandler>>,
+        more_args: &[&str],
+    ) -> Self {
         whist_test_support::shared()
             .sql(&format!(
                 "INSERT INTO config.leases (name) VALUES ('{lease}') ON CONFLICT DO NOTHING"
@@ -319,7 +355,11 @@ impl Scaler {
                 replica.into(),
                 "--reconcile-grace".into(),
                 "2".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(more_args.iter().map(|arg| (*arg).to_owned()))
+            .collect(),
+            hosts,
         };
         scaler.launch().await;
         scaler
