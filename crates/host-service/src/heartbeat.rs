@@ -1,5 +1,6 @@
-//! Heartbeats: `updated_at` on the instance row, so the scaling-service can tell a live host from
-//! a dead one. They continue through a drain, which can be long.
+//! Heartbeats: `heartbeat_at` on the instance row, stamped with the database's clock, so the
+//! scaling-service can tell a live host from a dead one and the assign path skips a silent one.
+//! Nothing else moves that column. They continue through a drain, which can be long.
 
 use std::time::Duration;
 

@@ -81,6 +81,12 @@ pub struct Args {
     #[arg(long, env = "WHIST_LISTING_LOSS_THRESHOLD", default_value_t = 0.5)]
     pub listing_loss_threshold: f64,
 
+    /// The share of a region's hosts that may stop sending heartbeats at once and still be
+    /// reaped; more pauses reaping in that region (the hosts' network or the database, not that
+    /// many deaths). Two silent hosts are never "at once" below this share.
+    #[arg(long, env = "WHIST_HEARTBEAT_LOSS_THRESHOLD", default_value_t = 0.5)]
+    pub heartbeat_loss_threshold: f64,
+
     /// Seconds one cloud action (a launch, a termination, a listing) may take with all its
     /// retries; it is abandoned after that.
     #[arg(long, env = "WHIST_CLOUD_ACTION_DEADLINE", default_value_t = 60)]
@@ -132,6 +138,7 @@ pub struct Config {
     pub reconcile_grace: Duration,
     pub max_destroy_share: f64,
     pub listing_loss_threshold: f64,
+    pub heartbeat_loss_threshold: f64,
     pub cloud: CloudBudget,
     pub ec2_endpoint: Option<String>,
     pub ec2_subnet: Option<String>,
@@ -199,6 +206,7 @@ impl Args {
         for (name, share) in [
             ("max-destroy-share", self.max_destroy_share),
             ("listing-loss-threshold", self.listing_loss_threshold),
+            ("heartbeat-loss-threshold", self.heartbeat_loss_threshold),
         ] {
             if !(0.0..=1.0).contains(&share) {
                 return Err(ConfigError::NotAShare(name));
@@ -247,6 +255,7 @@ impl Args {
             reconcile_grace: Duration::from_secs(self.reconcile_grace),
             max_destroy_share: self.max_destroy_share,
             listing_loss_threshold: self.listing_loss_threshold,
+            heartbeat_loss_threshold: self.heartbeat_loss_threshold,
             cloud: CloudBudget {
                 action_deadline: Duration::from_secs(self.cloud_action_deadline),
                 call_attempts: self.cloud_call_attempts,

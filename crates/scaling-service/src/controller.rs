@@ -20,7 +20,7 @@ use crate::algorithm::{
     Action, HostView, ImageRef, RegionSnapshot, ScalingAlgorithm, ScalingSettings, UpgradeState,
     UpgradeView,
 };
-use crate::executor::{Executor, Outcome, Reconciled, fleet_name};
+use crate::executor::{Executor, Outcome, Reconciled, fleet_name, hold_back_mass_silence};
 use crate::fleet::{Fleet, FleetView};
 use crate::leader::Term;
 use crate::metrics::Metrics;
@@ -93,6 +93,8 @@ struct RegionMemory {
     foreign: bool,
     /// This term reconciled the region (machines an earlier term launched are recorded).
     reconciled: bool,
+    /// Reaping is held back: most hosts fell silent at once.
+    mass_silence: bool,
 }
 
 impl Controller {
@@ -132,20 +134,22 @@ impl Controller {
                             work.remove(&id);
                             reconciling = false;
                             reconcile_retry_at = tokio::time::Instant::now() + RECONCILE_RETRY;
-                            let now = term.db_now();
+                            let (now, own) = (term.db_now(), self.fleet_tag());
                             for (region, result) in results {
                                 let memory = regions.entry(region.clone()).or_default();
                                 memory.reconciled = true;
                                 memory.gone_since = result.gone_since;
-                                memory.launched.extend(
-                                    result.recorded.iter().map(|row| (now, host_view(row, &Fleet::default(), &self.fleet_tag()))),
-                                );
+                                // Recorded rows count at once, before the live query shows them.
+                                let recorded = result.recorded.iter();
+                                let views = recorded.map(|row| host_view(row, &Fleet::default(), &own));
+                                memory.launched.extend(views.map(|view| (now, view)));
                                 dirty.insert(region);
                             }
                         }
                         Ok((id, Report::Region(region, outcome))) => {
                             work.remove(&id);
-                            self.remember(regions.entry(region.clone()).or_default(), &outcome, term.db_now());
+                            let memory = regions.entry(region.clone()).or_default();
+                            self.remember(memory, &outcome, term.db_now());
                             dirty.insert(region);
                         }
                         Err(error) => {
@@ -157,7 +161,8 @@ impl Controller {
                                     let memory = regions.entry(region.clone()).or_default();
                                     memory.busy = false;
                                     memory.failures += 1;
-                                    memory.retry_at = Some(term.db_now() + backoff(memory.failures));
+                                    let retry_at = term.db_now() + backoff(memory.failures);
+                                    memory.retry_at = Some(retry_at);
                                 }
                                 Some(Work::Reconcile) => reconciling = false,
                                 None => {}
@@ -227,7 +232,10 @@ impl Controller {
                 let mut snapshot = snapshot(&fleet, &region, self.environment, memory);
                 snapshot.settings = scaling_settings(&self.settings(&fleet));
                 self.record_metrics(&snapshot);
-                let actions = self.algorithm.decide(&snapshot, now);
+                let decided = self.algorithm.decide(&snapshot, now);
+                let threshold = self.executor.safety.heartbeat_loss_threshold;
+                let (actions, silent) = hold_back_mass_silence(decided, &snapshot, threshold);
+                self.note_mass_silence(&region, silent, memory);
                 if actions.is_empty() {
                     continue;
                 }
@@ -293,6 +301,26 @@ impl Controller {
         }
         self.metrics
             .region_paused(region, "foreign_fleet", now_foreign);
+    }
+
+    /// Says (once per change) whether reaping is held back in `region` because most of its
+    /// hosts fell silent at once; the metric follows every decision.
+    fn note_mass_silence(&self, region: &str, silent: usize, memory: &mut RegionMemory) {
+        let now_silent = silent > 0;
+        if now_silent != memory.mass_silence {
+            if now_silent {
+                tracing::error!(
+                    region,
+                    silent,
+                    "most hosts stopped sending heartbeats at once: none is reaped until they beat again or an operator acts"
+                );
+            } else {
+                tracing::info!(region, "hosts beat again: reaping resumes");
+            }
+            memory.mass_silence = now_silent;
+        }
+        self.metrics
+            .region_paused(region, "mass_heartbeat_loss", now_silent);
     }
 
     /// Reconciles every region this controller decides for, one after the other.
@@ -375,6 +403,13 @@ impl Controller {
         } else {
             memory.failures = 0;
             memory.retry_at = None;
+        }
+        if outcome.deferred > 0 {
+            // The next destructive pass comes with the next resync, not at once: otherwise the
+            // budget per pass would bound nothing.
+            let pace = chrono::Duration::from_std(self.resync_interval)
+                .unwrap_or(chrono::Duration::minutes(1));
+            memory.retry_at = memory.retry_at.max(Some(now + pace));
         }
     }
 

@@ -8,8 +8,10 @@
 //! - **Proof for every deletion.** A row is deleted because its machine is gone only when the
 //!   cloud, asked about that id, says terminated or unknown, and has said so for longer than
 //!   the grace, counted from when it was first seen so. A tag listing never proves anything.
-//! - **Suspicious listings pause.** A listing that is empty while rows exist, or that lacks more
-//!   than a threshold of the rows, pauses everything destructive in the region.
+//! - **Suspicious listings pause.** A listing that is empty while rows exist, that lacks more
+//!   than a threshold of the rows, or whose running machines mostly lack rows, pauses
+//!   everything destructive in the region (and the controller reaps no host when most of a
+//!   region's hosts fall silent at once, see [`hold_back_mass_silence`]).
 //! - **A budget per pass.** One pass terminates or deletes at most a share of a region's hosts.
 //! - **One leader.** Every write is fenced by the term's lease generation; every cloud call is
 //!   made only while the term is valid and is cancelled when it ends, under one deadline per
@@ -25,7 +27,9 @@ use whist_types::{
     capacity_of,
 };
 
-use crate::algorithm::{Action, DrainReason, ImageRef, LaunchPurpose, TerminateReason};
+use crate::algorithm::{
+    Action, DrainReason, ImageRef, LaunchPurpose, RegionSnapshot, TerminateReason,
+};
 use crate::config::CloudBudget;
 use crate::fleet::Fleet;
 use crate::hosts::{CloudHost, CloudState, HostError, HostHandler, LaunchRequest};
@@ -71,8 +75,11 @@ pub struct Safety {
     pub reconcile_grace: chrono::Duration,
     /// The share of a region's hosts one pass may terminate or delete (at least one).
     pub max_destroy_share: f64,
-    /// The share of a region's rows a listing may lack before it is distrusted.
+    /// The share of a region's rows a listing may lack before it is distrusted (and the share
+    /// of its running machines that may lack a row).
     pub listing_loss_threshold: f64,
+    /// The share of a region's hosts that may fall silent at once and still be reaped.
+    pub heartbeat_loss_threshold: f64,
 }
 
 impl Default for Safety {
@@ -81,6 +88,7 @@ impl Default for Safety {
             reconcile_grace: chrono::Duration::minutes(2),
             max_destroy_share: 0.1,
             listing_loss_threshold: 0.5,
+            heartbeat_loss_threshold: 0.5,
         }
     }
 }
@@ -120,6 +128,9 @@ pub enum Suspicion {
     EmptyListing,
     /// More than the threshold of the rows missing from the listing.
     LostRows { missing: usize, rows: usize },
+    /// More than the threshold of the fleet's running machines have no row (the database lost
+    /// rows: a restore, an operator's delete), so they look like leftovers.
+    UnrecordedMachines { unrecorded: usize, machines: usize },
 }
 
 impl Suspicion {
@@ -127,8 +138,12 @@ impl Suspicion {
         match self {
             Self::EmptyListing => "empty_listing",
             Self::LostRows { .. } => "lost_rows",
+            Self::UnrecordedMachines { .. } => "unrecorded_machines",
         }
     }
+
+    /// Every label, for the metric that says which pause is on.
+    pub const LABELS: [&'static str; 3] = ["empty_listing", "lost_rows", "unrecorded_machines"];
 }
 
 /// What one reconciliation of a region did and must remember.
@@ -586,14 +601,22 @@ impl Executor {
             .iter()
             .filter(|i| !listed.contains_key(i.id.as_str()))
             .count();
-        let suspicion = if own.is_empty() {
-            None
-        } else if cloud.is_empty() {
+        let running = cloud
+            .iter()
+            .filter(|host| matches!(host.state, CloudState::Pending | CloudState::Running))
+            .count();
+        let threshold = self.safety.listing_loss_threshold;
+        let suspicion = if !own.is_empty() && cloud.is_empty() {
             Some(Suspicion::EmptyListing)
-        } else if missing as f64 > self.safety.listing_loss_threshold * own.len() as f64 {
+        } else if !own.is_empty() && missing as f64 > threshold * own.len() as f64 {
             Some(Suspicion::LostRows {
                 missing,
                 rows: own.len(),
+            })
+        } else if old.len() >= 2 && old.len() as f64 > threshold * running as f64 {
+            Some(Suspicion::UnrecordedMachines {
+                unrecorded: old.len(),
+                machines: running,
             })
         } else {
             None
@@ -715,6 +738,45 @@ impl Executor {
     }
 }
 
+/// Takes the reaping of silent hosts out of `actions` when more than `threshold` of the
+/// region's hosts that should be beating (this fleet's, registered), and at least two, fell
+/// silent at once: that is the hosts' network or the database, not that many deaths, and
+/// reaping would end every session they still serve. Once other hosts beat normally again
+/// (replacements that registered, say), a silence is the silent hosts' own and they are reaped.
+/// Returns the actions left and how many were held back.
+pub fn hold_back_mass_silence(
+    actions: Vec<Action>,
+    snapshot: &RegionSnapshot,
+    threshold: f64,
+) -> (Vec<Action>, usize) {
+    let is_reap = |action: &Action| {
+        matches!(
+            action,
+            Action::Terminate {
+                reason: TerminateReason::HeartbeatLost,
+                ..
+            }
+        )
+    };
+    let silent = actions.iter().filter(|action| is_reap(action)).count();
+    let beating = snapshot
+        .hosts
+        .iter()
+        .filter(|host| host.owned && host.status != InstanceStatus::PreConnection)
+        .count();
+    if silent >= 2 && silent as f64 > threshold * beating as f64 {
+        (
+            actions
+                .into_iter()
+                .filter(|action| !is_reap(action))
+                .collect(),
+            silent,
+        )
+    } else {
+        (actions, 0)
+    }
+}
+
 fn upgrade_for<'a>(fleet: &'a Fleet, region: &str, image: &ImageRef) -> Option<&'a ImageUpgrade> {
     fleet
         .upgrades
@@ -768,6 +830,131 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_eq!(a, token("upgrade/us-east-1/ami-1"));
         assert_ne!(a, token("upgrade/us-east-1/ami-2"));
+    }
+
+    fn snapshot(hosts: &[(InstanceStatus, bool)]) -> RegionSnapshot {
+        use crate::algorithm::{HostView, ScalingSettings};
+        let now = Utc::now();
+        RegionSnapshot {
+            region: "r".into(),
+            enabled: true,
+            desired_free: 0,
+            instance_types: Vec::new(),
+            unavailable_types: Vec::new(),
+            current_image: None,
+            upgrade: None,
+            published_client_sha: None,
+            hosts: hosts
+                .iter()
+                .enumerate()
+                .map(|(n, &(status, owned))| HostView {
+                    id: format!("h{n}"),
+                    image_id: "ami".into(),
+                    instance_type: "g4dn.2xlarge".into(),
+                    status,
+                    capacity: 2,
+                    remaining: 2,
+                    created_at: now,
+                    heartbeat_at: now,
+                    owned,
+                    idle_since: None,
+                })
+                .collect(),
+            settings: ScalingSettings {
+                scale_up_cooldown: chrono::Duration::zero(),
+                scale_down_cooldown: chrono::Duration::zero(),
+                scale_down_delay: chrono::Duration::zero(),
+                heartbeat_timeout: chrono::Duration::zero(),
+                instance_ready_timeout: chrono::Duration::zero(),
+            },
+            last_scale_up: None,
+            last_scale_down: None,
+        }
+    }
+
+    fn reap(n: usize) -> Action {
+        Action::Terminate {
+            instance_id: format!("h{n}"),
+            reason: TerminateReason::HeartbeatLost,
+        }
+    }
+
+    #[test]
+    fn most_hosts_falling_silent_at_once_are_not_reaped() {
+        use InstanceStatus::{Active, Draining, PreConnection};
+        let drained = Action::Terminate {
+            instance_id: "h9".into(),
+            reason: TerminateReason::Drained,
+        };
+        // (name, hosts as (status, owned), the algorithm's actions, how many are held back)
+        type Case<'a> = (&'a str, &'a [(InstanceStatus, bool)], Vec<Action>, usize);
+        let cases: [Case<'_>; 6] = [
+            (
+                "2 of 3 silent",
+                &[(Active, true); 3],
+                vec![reap(0), reap(1)],
+                2,
+            ),
+            (
+                "a lone silent host is reaped",
+                &[(Active, true)],
+                vec![reap(0)],
+                0,
+            ),
+            ("1 of 3 silent", &[(Active, true); 3], vec![reap(0)], 0),
+            (
+                "2 of 4: not most",
+                &[(Active, true); 4],
+                vec![reap(0), reap(1)],
+                0,
+            ),
+            (
+                "booting hosts do not dilute",
+                &[
+                    (Active, true),
+                    (Draining, true),
+                    (Active, true),
+                    (PreConnection, true),
+                    (PreConnection, true),
+                ],
+                vec![reap(0), reap(1), drained.clone()],
+                2,
+            ),
+            (
+                "hosts of no fleet do not dilute",
+                &[
+                    (Active, true),
+                    (Active, true),
+                    (Active, false),
+                    (Active, false),
+                ],
+                vec![reap(0), reap(1)],
+                2,
+            ),
+        ];
+        for (name, hosts, actions, held) in cases {
+            let (left, silent) = hold_back_mass_silence(actions.clone(), &snapshot(hosts), 0.5);
+            assert_eq!(silent, held, "{name}");
+            if held > 0 {
+                assert!(
+                    left.iter().all(|action| !matches!(
+                        action,
+                        Action::Terminate {
+                            reason: TerminateReason::HeartbeatLost,
+                            ..
+                        }
+                    )),
+                    "{name}: {left:?}"
+                );
+                assert_eq!(
+                    left.len(),
+                    actions.len() - held,
+                    "{name}: other actions stay"
+                );
+            } else {
+                assert_eq!(left, actions, "{name}");
+            }
+        }
     }
 
     #[test]

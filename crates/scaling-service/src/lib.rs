@@ -110,6 +110,7 @@ pub async fn start(
                     .unwrap_or(chrono::Duration::minutes(2)),
                 max_destroy_share: config.max_destroy_share,
                 listing_loss_threshold: config.listing_loss_threshold,
+                heartbeat_loss_threshold: config.heartbeat_loss_threshold,
             },
             cloud: config.cloud,
         }),

@@ -186,7 +186,7 @@ impl Metrics {
 
     /// Records whether reconciliation paused `region`'s destructive work this pass, and why.
     pub fn destruction_paused(&self, region: &str, reason: Option<&'static str>) {
-        for known in ["empty_listing", "lost_rows"] {
+        for known in crate::executor::Suspicion::LABELS {
             self.region_paused(region, known, reason == Some(known));
         }
     }

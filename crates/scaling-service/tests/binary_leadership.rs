@@ -345,7 +345,7 @@ async fn a_leader_cut_off_mid_launch_loses_nothing_and_nothing_is_launched_twice
 /// lease would have expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_hands_the_lease_over_at_once() {
-    let name = "us-east-1";
+    let name = "af-south-1";
     let lease = unique("lease");
     let a = Replica::spawn(&direct("a", &lease, 30, name));
     wait_holder(&lease, "a").await;

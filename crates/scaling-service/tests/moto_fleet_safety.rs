@@ -29,7 +29,7 @@ async fn issuer() -> Arc<TestIssuer> {
 struct LiveRegion {
     name: String,
     hosts: Vec<String>,
-    _agents: HostAgents,
+    agents: HostAgents,
 }
 
 impl LiveRegion {
@@ -103,7 +103,7 @@ impl LiveRegion {
         Self {
             name: name.to_owned(),
             hosts: ids,
-            _agents: HostAgents::start(db.clone(), name.to_owned()),
+            agents: HostAgents::start(db.clone(), name.to_owned()),
         }
     }
 
@@ -125,10 +125,15 @@ impl LiveRegion {
         running
     }
 
-    /// Every row and every session is still there, and nothing was launched.
+    /// Every host's row and every session is still there.
     async fn assert_intact(&self, db: &HasuraClient, why: &str) {
         let rows = self.rows(db).await;
-        assert_eq!(rows.len(), self.hosts.len(), "{why}: rows {rows:?}");
+        for host in &self.hosts {
+            assert!(
+                rows.iter().any(|row| &row.id == host),
+                "{why}: {host} gone: {rows:?}"
+            );
+        }
         assert_eq!(self.sessions(db).await, self.hosts.len(), "{why}: sessions");
     }
 }
@@ -352,4 +357,100 @@ async fn only_a_machine_the_cloud_reports_gone_loses_its_row_and_only_after_the_
     for kept in &region.hosts[2..] {
         assert!(rows.iter().any(|row| &row.id == kept), "{kept}: {rows:?}");
     }
+}
+
+/// Most of a region's hosts falling silent at once is the hosts' network or the database: none
+/// is reaped (each still serves a session) until they beat again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn most_hosts_falling_silent_at_once_are_not_reaped() {
+    let name = "eu-south-1";
+    let db = common::db();
+    let region = LiveRegion::create(&db, name, 3).await;
+    let scaler = Scaler::scaling(issuer().await, &[name], &unique("lease"), "solo").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Replacements for the silent hosts may launch, but never register: the region's hosts
+    // that should beat stay the three.
+    let image = region.rows(&db).await[0].image_id.clone();
+    region.agents.never_boot.lock().expect("lock").push(image);
+    region
+        .agents
+        .frozen
+        .lock()
+        .expect("lock")
+        .extend(region.hosts[..2].iter().cloned());
+    // Past the test settings' 5 s heartbeat timeout.
+    eventually("reaping paused", PATIENCE, || async {
+        (scaler.metric(&paused(name, "mass_heartbeat_loss")).await == 1.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(SEVERAL_PASSES).await;
+    region.assert_intact(&db, "two of three hosts silent").await;
+    let running = common::cloud_hosts(name).await;
+    for host in &region.hosts {
+        assert!(
+            running.iter().any(|machine| &machine.id == host),
+            "{host} terminated"
+        );
+    }
+
+    region.agents.frozen.lock().expect("lock").clear();
+    eventually("the pause lifted", PATIENCE, || async {
+        (scaler.metric(&paused(name, "mass_heartbeat_loss")).await == 0.0).then_some(())
+    })
+    .await;
+    region.assert_intact(&db, "beating again").await;
+}
+
+/// Running machines of the fleet that mostly have no row mean the database lost rows (a
+/// restore, a mistaken delete), not that their hosts left: none is terminated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_that_mostly_lack_rows_are_not_terminated() {
+    let name = "sa-east-1";
+    let db = common::db();
+    let region = LiveRegion::create(&db, name, 1).await;
+    // Three more machines of the fleet whose rows are gone.
+    let orphans: Vec<String> = common::ec2()
+        .launch(&LaunchRequest {
+            region: name.to_owned(),
+            image_id: unique("ami"),
+            instance_type: common::INSTANCE_TYPE.to_owned(),
+            count: 3,
+            client_token: unique("token"),
+            user_data: "#!/bin/sh\n".to_owned(),
+            tags: [(tags::FLEET.to_owned(), "whist-dev".to_owned())].into(),
+        })
+        .await
+        .expect("launch")
+        .into_iter()
+        .map(|host| host.id)
+        .collect();
+    // Old enough to look like hosts that drained and left (ready timeout 1 s, grace 2 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let scaler = Scaler::scaling_configured(
+        issuer().await,
+        &[name],
+        &unique("lease"),
+        "solo",
+        None,
+        &[],
+        whist_types::FleetSettings {
+            instance_ready_timeout_seconds: 1,
+            ..common::fast_settings()
+        },
+    )
+    .await;
+    eventually("the region paused", PATIENCE, || async {
+        (scaler.metric(&paused(name, "unrecorded_machines")).await == 1.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(SEVERAL_PASSES).await;
+    let running: Vec<String> = common::cloud_hosts(name)
+        .await
+        .into_iter()
+        .map(|host| host.id)
+        .collect();
+    for orphan in &orphans {
+        assert!(running.contains(orphan), "{orphan} terminated: {running:?}");
+    }
+    region.assert_intact(&db, "rows lost elsewhere").await;
 }

@@ -334,13 +334,35 @@ impl Scaler {
         hosts: Option<Arc<dyn scaling_service::hosts::HostHandler>>,
         more_args: &[&str],
     ) -> Self {
+        Self::scaling_configured(
+            issuer,
+            regions,
+            lease,
+            replica,
+            hosts,
+            more_args,
+            fast_settings(),
+        )
+        .await
+    }
+
+    /// [`Scaler::scaling_with`] deciding with `settings`.
+    pub async fn scaling_configured(
+        issuer: Arc<TestIssuer>,
+        regions: &[&str],
+        lease: &str,
+        replica: &str,
+        hosts: Option<Arc<dyn scaling_service::hosts::HostHandler>>,
+        more_args: &[&str],
+        settings: whist_types::FleetSettings,
+    ) -> Self {
         whist_test_support::shared()
             .sql(&format!(
                 "INSERT INTO config.leases (name) VALUES ('{lease}') ON CONFLICT DO NOTHING"
             ))
             .expect("lease row");
         let mut scaler = Self {
-            settings: Some(fast_settings()),
+            settings: Some(settings),
             db: db(),
             issuer,
             running: None,
