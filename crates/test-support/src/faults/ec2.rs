@@ -1,38 +1,12 @@
-//! Loopback fault injection for tests: an EC2 API proxy that can throttle, blank or hide
-//! answers, and a TCP proxy whose connections can be cut.
-//!
-//! - [`Ec2FaultProxy`] sits between an AWS SDK client and moto. It forwards EC2 Query requests
-//!   (`POST /` with a form body naming the `Action`) unchanged, counts them per action, and on
-//!   demand answers them itself the way EC2 does when it is throttling or degraded
-//!   ([`FaultMode`]). moto cannot be asked to misbehave, and the fleet controller's handling of
-//!   `RequestLimitExceeded`, of a DescribeInstances that momentarily omits a launched instance
-//!   (EC2 is eventually consistent) and of slow calls is exactly what needs proving.
-//! - [`CuttableProxy`] forwards bytes between a client and a TCP upstream (the GraphQL engine,
-//!   websockets included) and can close every connection and refuse new ones until restored,
-//!   which is how a test makes a service lose the engine without stopping the engine for the
-//!   other tests that share it.
-//!
-//! Both run on a background thread with a tokio runtime of their own, so they work from a plain
-//! `#[test]` as well as from any `#[tokio::test]` runtime flavour, and a blocked or finished test
-//! runtime cannot stall them. Dropping one stops its thread and closes its connections.
-//!
-//! Everything listens on 127.0.0.1 and [`Ec2FaultProxy::start`] refuses a non-loopback upstream,
-//! so no test can be pointed at the real AWS through it.
-//!
-//! The AWS SDK signs requests (SigV4) over the Host header, which the proxy rewrites to the
-//! upstream's; that is harmless because moto does not verify signatures. moto does read the
-//! `Authorization` header, though: a request without one is routed to its S3 backend (a POST to
-//! `/` without credentials comes back as S3's `ListAllMyBucketsResult`), so raw test requests
-//! must carry a SigV4-shaped header (see the tests' `EC2_AUTH`).
+//! The EC2 API proxy: forwards to moto, counts calls per action, and misbehaves on demand.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::ops::Range;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use axum::Router;
@@ -41,9 +15,10 @@ use axum::extract::{Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, request};
 use axum::response::{IntoResponse, Response};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::sync::oneshot;
+
+use super::xml::hide_instances;
+use super::{lock, spawn_server, stop_server};
 
 /// The EC2 API namespace real EC2 puts on its responses (moto writes it without the trailing
 /// slash; the SDK ignores it either way).
@@ -467,413 +442,15 @@ async fn filter_describe(response: Response, hidden: &[String]) -> Response {
     }
 }
 
-/// One element of an XML document, as byte ranges into it.
-#[derive(Debug, Clone)]
-struct Element {
-    name: String,
-    /// From its `<` to just after its closing `>`.
-    outer: Range<usize>,
-    /// Its content (empty for `<name/>`).
-    inner: Range<usize>,
-}
-
-/// The direct child elements within `range` of `xml`, skipping the prolog, comments, CDATA
-/// sections and text. This is just enough XML for EC2's responses (no entities need resolving
-/// to find an instance id), not a general parser; it fails on unbalanced tags rather than
-/// guessing.
-fn child_elements(xml: &str, range: Range<usize>) -> Result<Vec<Element>, String> {
-    let bytes = xml.as_bytes();
-    let end = range.end;
-    let mut children = Vec::new();
-    // The open elements below `range`: their names, and where the outermost one started.
-    let mut open: Vec<&str> = Vec::new();
-    let mut outer_start = 0;
-    let mut inner_start = 0;
-    let mut pos = range.start;
-    let skip_to = |from: usize, terminator: &str| -> Result<usize, String> {
-        xml[from..end]
-            .find(terminator)
-            .map(|at| from + at + terminator.len())
-            .ok_or_else(|| format!("no {terminator:?} after byte {from}"))
-    };
-    while let Some(at) = xml[pos..end].find('<') {
-        let tag = pos + at;
-        let rest = &xml[tag..end];
-        if rest.starts_with("<?") {
-            pos = skip_to(tag, "?>")?;
-        } else if rest.starts_with("<!--") {
-            pos = skip_to(tag, "-->")?;
-        } else if rest.starts_with("<![CDATA[") {
-            pos = skip_to(tag, "]]>")?;
-        } else if rest.starts_with("<!") {
-            pos = skip_to(tag, ">")?;
-        } else if let Some(closing) = rest.strip_prefix("</") {
-            let close = skip_to(tag, ">")?;
-            let name = closing[..close - tag - 3].trim_end();
-            match open.pop() {
-                Some(expected) if expected == name => {}
-                expected => {
-                    return Err(format!("</{name}> at byte {tag} closes {expected:?}"));
-                }
-            }
-            if open.is_empty() {
-                children.push(Element {
-                    name: name.to_owned(),
-                    outer: outer_start..close,
-                    inner: inner_start..tag,
-                });
-            }
-            pos = close;
-        } else {
-            // A start tag; `>` inside a quoted attribute value does not end it.
-            let mut quote = None;
-            let mut close = None;
-            for (offset, &byte) in bytes[tag + 1..end].iter().enumerate() {
-                match (quote, byte) {
-                    (None, b'"' | b'\'') => quote = Some(byte),
-                    (Some(q), _) if q == byte => quote = None,
-                    (None, b'>') => {
-                        close = Some(tag + 1 + offset + 1);
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            let close = close.ok_or_else(|| format!("unterminated tag at byte {tag}"))?;
-            let self_closing = bytes[close - 2] == b'/';
-            let name_end = xml[tag + 1..close]
-                .find(|c: char| c.is_ascii_whitespace() || c == '/' || c == '>')
-                .map_or(close, |at| tag + 1 + at);
-            let name = &xml[tag + 1..name_end];
-            if name.is_empty() {
-                return Err(format!("a tag without a name at byte {tag}"));
-            }
-            if open.is_empty() {
-                outer_start = tag;
-                inner_start = close;
-            }
-            if self_closing {
-                if open.is_empty() {
-                    children.push(Element {
-                        name: name.to_owned(),
-                        outer: tag..close,
-                        inner: close..close,
-                    });
-                }
-            } else {
-                open.push(name);
-            }
-            pos = close;
-        }
-    }
-    if let Some(name) = open.last() {
-        return Err(format!("<{name}> is never closed"));
-    }
-    Ok(children)
-}
-
-/// The first direct child of `parent` called `name`.
-fn child(xml: &str, parent: &Element, name: &str) -> Result<Option<Element>, String> {
-    Ok(child_elements(xml, parent.inner.clone())?
-        .into_iter()
-        .find(|element| element.name == name))
-}
-
-/// `xml` (a DescribeInstancesResponse) without the instances whose `<instanceId>` is in
-/// `hidden`, and without any reservation left empty by that. The layout moto writes:
-///
-/// ```text
-/// DescribeInstancesResponse > reservationSet > item (a reservation)
-///     > reservationId, ownerId, groupSet, instancesSet > item (an instance) > instanceId, ...
-/// ```
-///
-/// An instance `item` holds nested `item`s of its own (block devices, network interfaces,
-/// security groups, tags), and moto writes `instanceId` after some of them, so only a direct
-/// child `instanceId` of a direct child `item` of `instancesSet` identifies the instance.
-fn hide_instances(xml: &str, hidden: &[String]) -> Result<String, String> {
-    let root = child_elements(xml, 0..xml.len())?
-        .into_iter()
-        .next()
-        .ok_or("no root element")?;
-    if root.name != "DescribeInstancesResponse" {
-        return Err(format!("the root element is <{}>", root.name));
-    }
-    let reservations = child(xml, &root, "reservationSet")?.ok_or("no <reservationSet>")?;
-    let mut cuts: Vec<Range<usize>> = Vec::new();
-    for reservation in child_elements(xml, reservations.inner)? {
-        if reservation.name != "item" {
-            continue;
-        }
-        let Some(instances) = child(xml, &reservation, "instancesSet")? else {
-            continue;
-        };
-        let items: Vec<Element> = child_elements(xml, instances.inner)?
-            .into_iter()
-            .filter(|element| element.name == "item")
-            .collect();
-        let mut removed = Vec::new();
-        for item in &items {
-            let id = child(xml, item, "instanceId")?.ok_or_else(|| {
-                format!(
-                    "an instance item at byte {} has no <instanceId>",
-                    item.outer.start
-                )
-            })?;
-            let id = xml[id.inner].trim();
-            if hidden.iter().any(|hidden| hidden == id) {
-                removed.push(item.outer.clone());
-            }
-        }
-        if !removed.is_empty() && removed.len() == items.len() {
-            cuts.push(reservation.outer);
-        } else {
-            cuts.extend(removed);
-        }
-    }
-    // The cuts are in document order and do not overlap: one per reservation, or its items.
-    let mut out = String::with_capacity(xml.len());
-    let mut kept_from = 0;
-    for cut in cuts {
-        out.push_str(&xml[kept_from..cut.start]);
-        kept_from = cut.end;
-    }
-    out.push_str(&xml[kept_from..]);
-    Ok(out)
-}
-
-/// A TCP proxy on a loopback port to `upstream` whose connections can be cut.
-///
-/// It copies bytes both ways and knows nothing of the protocol, so HTTP, websockets and the
-/// Postgres protocol all pass. [`CuttableProxy::cut`] closes every open connection; while cut,
-/// new connections are accepted and closed at once, so a client sees its connection end
-/// immediately (as when a server goes away) and its reconnect loop runs at the pace of its own
-/// backoff, rather than hanging on a connect that never completes.
-pub struct CuttableProxy {
-    addr: SocketAddr,
-    upstream: SocketAddr,
-    cut: Arc<watch::Sender<bool>>,
-    stats: Arc<TcpStats>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-#[derive(Default)]
-struct TcpStats {
-    /// Connections forwarded to the upstream, ever.
-    accepted: AtomicUsize,
-    /// Connections closed on arrival because the proxy was cut.
-    refused: AtomicUsize,
-    /// Connections being forwarded now.
-    open: AtomicUsize,
-}
-
-/// Counts a forwarded connection as open for as long as its task holds this.
-struct OpenGuard(Arc<TcpStats>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl CuttableProxy {
-    /// Starts forwarding from a free loopback port to `upstream`. Refuses a non-loopback
-    /// upstream.
-    pub fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
-        if !upstream.ip().is_loopback() {
-            bail!("the cuttable proxy only forwards to a loopback address, not {upstream}");
-        }
-        let cut = Arc::new(watch::Sender::new(false));
-        let stats = Arc::new(TcpStats::default());
-        let (addr, shutdown, thread) = {
-            let cut = Arc::clone(&cut);
-            let stats = Arc::clone(&stats);
-            spawn_server("whist-cuttable-proxy", move |listener, stop| async move {
-                tokio::select! {
-                    () = accept_loop(listener, upstream, cut, stats) => {}
-                    _ = stop => {}
-                }
-            })?
-        };
-        Ok(Self {
-            addr,
-            upstream,
-            cut,
-            stats,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        })
-    }
-
-    /// The loopback address to connect to instead of the upstream.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The address connections are forwarded to.
-    pub fn upstream(&self) -> SocketAddr {
-        self.upstream
-    }
-
-    /// Closes every open connection and refuses new ones until [`CuttableProxy::restore`].
-    /// Returns once every connection is closed (or after 5 s), so what a test does next
-    /// already sees the cut.
-    pub fn cut(&self) {
-        self.cut.send_replace(true);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.stats.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Forwards new connections again.
-    pub fn restore(&self) {
-        self.cut.send_replace(false);
-    }
-
-    /// Whether the proxy is cut.
-    pub fn is_cut(&self) -> bool {
-        *self.cut.borrow()
-    }
-
-    /// How many connections have been forwarded since the start (a reconnect counts anew).
-    pub fn accepted(&self) -> usize {
-        self.stats.accepted.load(Ordering::SeqCst)
-    }
-
-    /// How many connections were closed on arrival because the proxy was cut.
-    pub fn refused(&self) -> usize {
-        self.stats.refused.load(Ordering::SeqCst)
-    }
-
-    /// How many connections are being forwarded now.
-    pub fn open_connections(&self) -> usize {
-        self.stats.open.load(Ordering::SeqCst)
-    }
-}
-
-impl fmt::Debug for CuttableProxy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CuttableProxy")
-            .field("addr", &self.addr)
-            .field("upstream", &self.upstream)
-            .field("cut", &self.is_cut())
-            .field("open", &self.open_connections())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for CuttableProxy {
-    fn drop(&mut self) {
-        stop_server(self.shutdown.take(), self.thread.take());
-    }
-}
-
-/// Accepts connections and forwards each in a task of a `JoinSet` owned by this future, so
-/// dropping the future (on shutdown) ends them all.
-async fn accept_loop(
-    listener: TcpListener,
-    upstream: SocketAddr,
-    cut: Arc<watch::Sender<bool>>,
-    stats: Arc<TcpStats>,
-) {
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let mut client = match listener.accept().await {
-            Ok((client, _)) => client,
-            Err(_) => {
-                // Transient (a reset before accept, or out of descriptors): try again shortly.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if *cut.borrow() {
-            stats.refused.fetch_add(1, Ordering::SeqCst);
-            drop(client);
-            continue;
-        }
-        stats.accepted.fetch_add(1, Ordering::SeqCst);
-        stats.open.fetch_add(1, Ordering::SeqCst);
-        let guard = OpenGuard(Arc::clone(&stats));
-        // Subscribed before the task runs; `wait_for` looks at the current value first, so a
-        // cut between the check above and here is not missed.
-        let mut cut = cut.subscribe();
-        connections.spawn(async move {
-            let _guard = guard;
-            let upstream = tokio::select! {
-                connected = TcpStream::connect(upstream) => connected,
-                _ = cut.wait_for(|cut| *cut) => return,
-            };
-            // An unreachable upstream: the client sees its connection closed.
-            let Ok(mut upstream) = upstream else { return };
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
-                _ = cut.wait_for(|cut| *cut) => {}
-            }
-            // Both sockets close as they drop here.
-        });
-    }
-}
-
-/// Binds a loopback port here (so the address is known and a bind failure is reported to the
-/// caller), then runs `serve(listener, stop)` on a new thread with a current-thread runtime.
-/// When `serve` returns (it should on `stop`), the runtime is dropped, which drops every task
-/// still on it and so closes their connections.
-fn spawn_server<F, Fut>(
-    name: &str,
-    serve: F,
-) -> anyhow::Result<(SocketAddr, oneshot::Sender<()>, JoinHandle<()>)>
-where
-    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let listener =
-        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a loopback port")?;
-    listener
-        .set_nonblocking(true)
-        .context("make the listener non-blocking")?;
-    let addr = listener.local_addr()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("build the proxy's runtime")?;
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            runtime.block_on(async move {
-                // `from_std` fails only without an I/O driver, which this runtime has.
-                if let Ok(listener) = TcpListener::from_std(listener) {
-                    serve(listener, stop_rx).await;
-                }
-            });
-            drop(runtime);
-        })
-        .with_context(|| format!("start the {name} thread"))?;
-    Ok((addr, stop_tx, thread))
-}
-
-fn stop_server(shutdown: Option<oneshot::Sender<()>>, thread: Option<JoinHandle<()>>) {
-    if let Some(shutdown) = shutdown {
-        let _ = shutdown.send(());
-    }
-    if let Some(thread) = thread {
-        let _ = thread.join();
-    }
-}
-
-/// Locks a mutex, ignoring poisoning: the data (counts, a mode) stays consistent whatever
-/// panicked while holding it.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+
+    use tokio::net::TcpStream;
+
+    use super::super::xml::texts;
     use crate::moto::shared_moto;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// moto routes by the credential scope of a SigV4 `Authorization` header; without one a
     /// `POST /` is taken for S3 (it answers `ListAllMyBucketsResult`). It checks no signature.
@@ -908,19 +485,6 @@ mod tests {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         (status, headers, response.text().await.expect("body"))
-    }
-
-    /// The text of every `<name>` in `xml` (at any depth), in document order.
-    fn texts(xml: &str, name: &str) -> Vec<String> {
-        let open = format!("<{name}>");
-        let close = format!("</{name}>");
-        xml.match_indices(&open)
-            .map(|(at, _)| {
-                let start = at + open.len();
-                let end = start + xml[start..].find(&close).expect("closed");
-                xml[start..end].to_owned()
-            })
-            .collect()
     }
 
     /// Launches `count` instances in one reservation through `endpoint`, tagged `tag`; their ids
@@ -996,70 +560,6 @@ mod tests {
         assert_eq!(names, ["authorization", "x-amz-date"]);
     }
 
-    /// moto's layout, trimmed: nested `item`s in an instance before its `instanceId`, and a
-    /// reservation of two instances next to one of one.
-    const DESCRIBE: &str = "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n\
-        <DescribeInstancesResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15\">\
-        <reservationSet>\
-        <item><reservationId>r-a</reservationId><groupSet/><instancesSet>\
-        <item><blockDeviceMapping><item><deviceName>/dev/sda1</deviceName></item></blockDeviceMapping>\
-        <groupSet><item><groupId>sg-1</groupId></item></groupSet><instanceId>i-a1</instanceId></item>\
-        <item><tagSet><item><key>k</key><value>i-b1</value></item></tagSet><instanceId>i-a2</instanceId></item>\
-        </instancesSet></item>\
-        <item><reservationId>r-b</reservationId><instancesSet>\
-        <item><stateReason><code/><message/></stateReason><instanceId> i-b1 </instanceId></item>\
-        </instancesSet></item>\
-        </reservationSet><requestId>request-id</requestId></DescribeInstancesResponse>";
-
-    #[test]
-    fn fault_hide_instances_edits_moto_shaped_xml() {
-        let hide = |ids: &[&str]| {
-            let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
-            hide_instances(DESCRIBE, &ids).expect("filtered")
-        };
-        assert_eq!(hide(&[]), DESCRIBE);
-        assert_eq!(hide(&["i-zzz"]), DESCRIBE);
-
-        // One of two: the reservation stays with the other.
-        let one = hide(&["i-a2"]);
-        assert_eq!(texts(&one, "instanceId"), ["i-a1", " i-b1 "]);
-        assert_eq!(texts(&one, "reservationId"), ["r-a", "r-b"]);
-        assert!(!one.contains("<key>k</key>"), "the whole item went");
-
-        // The only one (the id is matched trimmed, and not by the tag value that equals it):
-        // the reservation goes.
-        let only = hide(&["i-b1"]);
-        assert_eq!(texts(&only, "instanceId"), ["i-a1", "i-a2"]);
-        assert_eq!(texts(&only, "reservationId"), ["r-a"]);
-
-        let all = hide(&["i-a1", "i-a2", "i-b1"]);
-        assert!(
-            all.ends_with(
-                "<reservationSet></reservationSet><requestId>request-id</requestId>\
-                 </DescribeInstancesResponse>"
-            ),
-            "{all}"
-        );
-        // Still well formed.
-        let root = child_elements(&all, 0..all.len()).expect("parses");
-        assert_eq!(root.len(), 1);
-        assert_eq!(root[0].name, "DescribeInstancesResponse");
-
-        // What the filter cannot read is an error, not a silent pass.
-        let ids = ["i-a1".to_owned()];
-        assert!(hide_instances("<Response><Errors/></Response>", &ids).is_err());
-        assert!(hide_instances("<DescribeInstancesResponse><reservationSet>", &ids).is_err());
-        assert!(
-            hide_instances(
-                "<DescribeInstancesResponse><reservationSet><item><instancesSet><item><x/></item>\
-                 </instancesSet></item></reservationSet></DescribeInstancesResponse>",
-                &ids
-            )
-            .is_err()
-        );
-        assert!(hide_instances("<a><b></a></b>", &ids).is_err());
-    }
-
     #[test]
     fn fault_proxy_refuses_non_loopback_upstreams() {
         for upstream in [
@@ -1070,7 +570,7 @@ mod tests {
             assert!(Ec2FaultProxy::start(upstream).is_err(), "{upstream}");
         }
         let upstream = SocketAddr::from(([10, 0, 0, 1], 5000));
-        assert!(CuttableProxy::start(upstream).is_err());
+        assert!(super::super::CuttableProxy::start(upstream).is_err());
     }
 
     #[tokio::test]
@@ -1260,8 +760,11 @@ mod tests {
             hidden.len().to_string().as_str(),
             "the length is the edited body's"
         );
-        let root = child_elements(&hidden, 0..hidden.len()).expect("well formed");
-        assert_eq!(root[0].name, "DescribeInstancesResponse");
+        assert!(
+            hidden.starts_with("<?xml")
+                && hidden.trim_end().ends_with("</DescribeInstancesResponse>"),
+            "{hidden}"
+        );
         // Only DescribeInstances is edited; moto still has all three.
         let (_, _, direct_again) = describe_tagged(&moto.endpoint(), &tag).await;
         assert_eq!(direct_again, direct);
@@ -1323,119 +826,5 @@ mod tests {
         let addr = proxy.addr();
         drop(proxy);
         assert!(TcpStream::connect(addr).await.is_err(), "stopped on drop");
-    }
-
-    /// An echo server on a loopback port, on the test's runtime.
-    async fn echo_server() -> SocketAddr {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (mut read, mut write) = stream.split();
-                    let _ = tokio::io::copy(&mut read, &mut write).await;
-                });
-            }
-        });
-        addr
-    }
-
-    async fn round_trip(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
-        stream.write_all(message).await.expect("write");
-        let mut echoed = vec![0; message.len()];
-        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
-            .await
-            .expect("echo in time")
-            .expect("echo");
-        echoed
-    }
-
-    /// Whether the peer has closed `stream`: a read ends (EOF or reset) within 5 s.
-    async fn closed(stream: &mut TcpStream) -> bool {
-        let mut buf = [0; 16];
-        matches!(
-            tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await,
-            Ok(Ok(0) | Err(_))
-        )
-    }
-
-    #[tokio::test]
-    async fn fault_cuttable_proxy_cuts_and_restores() {
-        let echo = echo_server().await;
-        let proxy = CuttableProxy::start(echo).expect("proxy");
-        assert_eq!(proxy.upstream(), echo);
-
-        let mut first = TcpStream::connect(proxy.addr()).await.expect("connect");
-        let mut second = TcpStream::connect(proxy.addr()).await.expect("connect");
-        assert_eq!(round_trip(&mut first, b"hello").await, b"hello");
-        assert_eq!(round_trip(&mut second, b"world").await, b"world");
-        assert_eq!(proxy.open_connections(), 2);
-
-        proxy.cut();
-        assert!(proxy.is_cut());
-        assert_eq!(
-            proxy.open_connections(),
-            0,
-            "cut returns once they are closed"
-        );
-        assert!(closed(&mut first).await);
-        assert!(closed(&mut second).await);
-
-        // While cut, a connection is accepted and closed at once.
-        for _ in 0..2 {
-            let mut refused = TcpStream::connect(proxy.addr()).await.expect("connect");
-            let _ = refused.write_all(b"anyone?").await;
-            assert!(closed(&mut refused).await);
-        }
-        assert_eq!(proxy.refused(), 2);
-
-        proxy.restore();
-        assert!(!proxy.is_cut());
-        let mut third = TcpStream::connect(proxy.addr()).await.expect("connect");
-        assert_eq!(round_trip(&mut third, b"again").await, b"again");
-        assert_eq!(proxy.accepted(), 3);
-
-        // Large transfers pass both ways intact (a websocket is just bytes to it).
-        let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        let (mut read, mut write) = third.split();
-        let (_, echoed) = tokio::join!(
-            async { write.write_all(&big).await.expect("write") },
-            async {
-                let mut echoed = vec![0; big.len()];
-                read.read_exact(&mut echoed).await.expect("read");
-                echoed
-            }
-        );
-        assert!(echoed == big);
-
-        let addr = proxy.addr();
-        drop(proxy);
-        assert!(closed(&mut third).await, "drop closes the connections");
-        assert!(
-            TcpStream::connect(addr).await.is_err(),
-            "and stops listening"
-        );
-    }
-
-    #[test]
-    fn fault_cuttable_proxy_works_from_a_plain_test() {
-        use std::io::{Read, Write};
-        let upstream = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-        let proxy = CuttableProxy::start(upstream.local_addr().expect("addr")).expect("proxy");
-        let mut client = std::net::TcpStream::connect(proxy.addr()).expect("connect");
-        let (mut server, _) = upstream.accept().expect("accept");
-        client.write_all(b"ping").expect("write");
-        let mut got = [0; 4];
-        server.read_exact(&mut got).expect("read");
-        assert_eq!(&got, b"ping");
-
-        proxy.cut();
-        // The upstream side is closed too, so the server sees the client go.
-        server
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        assert!(matches!(server.read(&mut got), Ok(0) | Err(_)));
     }
 }
