@@ -12,8 +12,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
-/// The EC2 API namespace real EC2 puts on its responses (moto writes it without the trailing
-/// slash; the SDK ignores it either way).
 use super::{spawn_server, stop_server};
 
 /// A TCP proxy on a loopback port to `upstream` whose connections can be cut.
