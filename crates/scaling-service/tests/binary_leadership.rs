@@ -17,7 +17,6 @@ use scaling_service::executor::tags;
 use scaling_service::hosts::{CloudHost, HostHandler};
 use whist_dbclient::{HasuraClient, ops};
 use whist_test_support::faults::{CuttableProxy, Ec2FaultProxy, FaultMode};
-use whist_types::RegionConfig;
 
 const PATIENCE: Duration = Duration::from_secs(60);
 const FLEET: &str = "whist-local";
@@ -154,12 +153,7 @@ async fn region(db: &HasuraClient, name: &str) -> (String, String) {
         .map(|host| host.id)
         .collect();
     ec2.terminate(name, &old).await.expect("clean machines");
-    whist_test_support::shared()
-        .sql(&format!(
-            "DELETE FROM whist.mandelboxes WHERE instance_id IN (SELECT id FROM whist.instances WHERE region = '{name}');
-             DELETE FROM whist.instances WHERE region = '{name}';"
-        ))
-        .expect("clean rows");
+    common::clean_region(name);
     let image_id = unique("ami");
     let client_sha = unique("sha");
     set_desired(db, name, 0).await;
@@ -170,14 +164,7 @@ async fn region(db: &HasuraClient, name: &str) -> (String, String) {
 }
 
 async fn set_desired(db: &HasuraClient, name: &str, desired: i32) {
-    db.execute(&ops::set_region_config(&RegionConfig {
-        region: name.to_owned(),
-        enabled: true,
-        desired_free_mandelboxes: desired,
-        instance_types: vec![common::INSTANCE_TYPE.into()],
-    }))
-    .await
-    .expect("config");
+    common::configure_region(db, name, desired).await;
 }
 
 /// Every machine of the fleet in `region` that was not terminated before the test.

@@ -14,7 +14,6 @@ use scaling_service::hosts::{CloudHost, Described, HostError, HostHandler, Launc
 use whist_dbclient::ops;
 use whist_test_support::faults::{Ec2FaultProxy, FaultMode};
 use whist_test_support::jwt::TestIssuer;
-use whist_types::RegionConfig;
 
 /// A cloud whose launches panic in one region (a bug in a handler, say) and go to moto
 /// otherwise.
@@ -81,20 +80,8 @@ impl HostHandler for PanicsIn {
 }
 
 async fn fresh_region(db: &whist_dbclient::HasuraClient, name: &str, desired: i32) {
-    whist_test_support::shared()
-        .sql(&format!(
-            "DELETE FROM whist.mandelboxes WHERE instance_id IN (SELECT id FROM whist.instances WHERE region = '{name}');
-             DELETE FROM whist.instances WHERE region = '{name}';"
-        ))
-        .expect("clean region");
-    db.execute(&ops::set_region_config(&RegionConfig {
-        region: name.to_owned(),
-        enabled: true,
-        desired_free_mandelboxes: desired,
-        instance_types: vec![common::INSTANCE_TYPE.into()],
-    }))
-    .await
-    .expect("config");
+    common::clean_region(name);
+    common::configure_region(db, name, desired).await;
     db.execute(&ops::set_image("AWS", name, &unique("ami"), &unique("sha")))
         .await
         .expect("image");

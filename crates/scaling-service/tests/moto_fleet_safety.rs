@@ -13,7 +13,7 @@ use scaling_service::hosts::{CloudState, HostHandler, LaunchRequest};
 use whist_dbclient::{HasuraClient, ops};
 use whist_test_support::faults::{Ec2FaultProxy, FaultMode};
 use whist_test_support::jwt::TestIssuer;
-use whist_types::{Instance, MandelboxStatus, RegionConfig};
+use whist_types::{Instance, MandelboxStatus};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 /// Long enough for several reconciliations (the scalers here resync every second).
@@ -34,22 +34,10 @@ struct LiveRegion {
 
 impl LiveRegion {
     async fn create(db: &HasuraClient, name: &str, hosts: usize) -> Self {
-        whist_test_support::shared()
-            .sql(&format!(
-                "DELETE FROM whist.mandelboxes WHERE instance_id IN (SELECT id FROM whist.instances WHERE region = '{name}');
-                 DELETE FROM whist.instances WHERE region = '{name}';"
-            ))
-            .expect("clean region");
+        common::clean_region(name);
         let image_id = unique("ami");
         let client_sha = unique("sha");
-        db.execute(&ops::set_region_config(&RegionConfig {
-            region: name.to_owned(),
-            enabled: true,
-            desired_free_mandelboxes: i32::try_from(hosts).expect("small"),
-            instance_types: vec![common::INSTANCE_TYPE.into()],
-        }))
-        .await
-        .expect("config");
+        common::configure_region(db, name, i32::try_from(hosts).expect("small")).await;
         db.execute(&ops::set_image("AWS", name, &image_id, &client_sha))
             .await
             .expect("image");

@@ -11,32 +11,24 @@ use chrono::Utc;
 use common::{HostAgents, Region, Scaler, cloud_hosts, eventually, unique};
 use whist_dbclient::ops;
 use whist_test_support::jwt::TestIssuer;
-use whist_types::{Environment, InstanceStatus, RegionConfig, UpgradeStatus};
+use whist_types::{Environment, InstanceStatus, UpgradeStatus};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A region under a real AWS name, configured fresh for this test.
 async fn region(db: &whist_dbclient::HasuraClient, name: &str, desired: i32) -> Region {
+    common::clean_region(name);
     whist_test_support::shared()
         .sql(&format!(
-            "DELETE FROM whist.mandelboxes WHERE instance_id IN (SELECT id FROM whist.instances WHERE region = '{name}');
-             DELETE FROM whist.instances WHERE region = '{name}';
-             DELETE FROM config.image_upgrades WHERE region = '{name}';"
+            "DELETE FROM config.image_upgrades WHERE region = '{name}'"
         ))
-        .expect("clean region");
+        .expect("clean upgrades");
     let region = Region {
         name: name.to_owned(),
         image_id: unique("ami"),
         client_sha: unique("sha"),
     };
-    db.execute(&ops::set_region_config(&RegionConfig {
-        region: name.to_owned(),
-        enabled: true,
-        desired_free_mandelboxes: desired,
-        instance_types: vec![common::INSTANCE_TYPE.into()],
-    }))
-    .await
-    .expect("config");
+    common::configure_region(db, name, desired).await;
     db.execute(&ops::set_image(
         "AWS",
         name,

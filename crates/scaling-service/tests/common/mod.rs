@@ -194,6 +194,29 @@ impl Drop for Scaler {
     }
 }
 
+/// Takes every row of region `name` away (its mandelboxes first): AWS region names are shared by
+/// runs of a test, so each starts from an empty region.
+pub fn clean_region(name: &str) {
+    whist_test_support::shared()
+        .sql(&format!(
+            "DELETE FROM whist.mandelboxes WHERE instance_id IN (SELECT id FROM whist.instances WHERE region = '{name}');
+             DELETE FROM whist.instances WHERE region = '{name}';"
+        ))
+        .expect("clean region");
+}
+
+/// Enables region `name` with `desired` free sessions on the test instance type.
+pub async fn configure_region(db: &HasuraClient, name: &str, desired: i32) {
+    db.execute(&ops::set_region_config(&RegionConfig {
+        region: name.to_owned(),
+        enabled: true,
+        desired_free_mandelboxes: desired,
+        instance_types: vec![INSTANCE_TYPE.into()],
+    }))
+    .await
+    .expect("region config");
+}
+
 /// A region with a configuration, an image, and (optionally) ACTIVE hosts with WAITING boxes.
 pub struct Region {
     pub name: String,
