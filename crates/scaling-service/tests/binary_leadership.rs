@@ -341,6 +341,10 @@ async fn a_clean_stop_hands_the_lease_over_at_once() {
     let stopped = tokio::time::Instant::now();
     assert_eq!(a.stop().await, Some(0));
     wait_holder(&lease, "b").await;
+    eprintln!(
+        "handover after a clean stop: {:?} (lease 30 s)",
+        stopped.elapsed()
+    );
     assert!(
         stopped.elapsed() < Duration::from_secs(15),
         "took {:?}: the lease was not handed back",

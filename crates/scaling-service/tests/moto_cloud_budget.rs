@@ -157,6 +157,10 @@ async fn an_action_never_outlasts_its_deadline() {
         .run(&term, REGION, launch(), &Fleet::default())
         .await;
     let took = started.elapsed();
+    eprintln!(
+        "throttled action: {} calls in {took:?} under a {deadline:?} deadline",
+        proxy.total_calls()
+    );
     assert_eq!(outcome.errors, 1);
     // The deadline, plus the database's lease check before the call.
     assert!(
