@@ -255,6 +255,32 @@ mod tests {
         assert!(matches!(error, DbError::AccessDenied { .. }), "{error:?}");
     }
 
+    /// Hasura answers `/v1/graphql` with HTTP 200 even when it cannot use Postgres; the body's
+    /// code, not the status, makes these transient. Bodies as hasura/graphql-engine builds them:
+    /// `server/src-lib/Hasura/Base/Error.hs` (`instance PG.FromPGConnErr QErr`, `encodeGQLErr`)
+    /// and `server/src-lib/Hasura/Backends/Postgres/Execute/Types.hs` (`mkTxErrorHandler`),
+    /// next to the local engine's (postrust-graphql `code_for`: unclassified database errors are
+    /// `postgres-error`).
+    #[test]
+    fn database_outages_answered_with_200_are_transient() {
+        let bodies: [&[u8]; 5] = [
+            br#"{"errors":[{"message":"connection error","extensions":{"path":"$","code":"postgres-error"}}]}"#,
+            br#"{"errors":[{"message":"connection error","extensions":{"path":"$","code":"postgres-error","internal":"server closed the connection unexpectedly\n\tThis probably means the server terminated abnormally\n\tbefore or while processing the request.\n"}}]}"#,
+            br#"{"errors":[{"message":"max connections reached on postgres","extensions":{"path":"$","code":"postgres-max-connections-error"}}]}"#,
+            br#"{"errors":[{"message":"database query error","extensions":{"path":"$","code":"unexpected"}}]}"#,
+            br#"{"errors":[{"message":"pool timed out while waiting for an open connection","extensions":{"path":"$.selectionSet.things","code":"postgres-error"}}]}"#,
+        ];
+        for body in bodies {
+            let error = decode_response(&operation(), 200, body).expect_err("must fail");
+            assert!(matches!(error, DbError::Unavailable { .. }), "{error:?}");
+            assert!(error.is_transient(), "{error:?}");
+        }
+        // Other errors in a 200 stay permanent.
+        let body = br#"{"errors":[{"message":"field 'nope' not found in type: 'query_root'","extensions":{"path":"$.selectionSet.nope","code":"validation-failed"}}]}"#;
+        let error = decode_response(&operation(), 200, body).expect_err("must fail");
+        assert!(!error.is_transient(), "{error:?}");
+    }
+
     #[test]
     fn a_good_answer_decodes() {
         let body = br#"{"data":{"things":[1,2,3]}}"#;

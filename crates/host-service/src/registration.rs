@@ -140,7 +140,7 @@ fn check(
             &identity.instance_type,
         ));
     }
-    if row.client_sha.is_empty() || !host_commit.starts_with(&row.client_sha) {
+    if !whist_types::same_commit(&row.client_sha, host_commit) {
         return Err(mismatch("client_sha", &row.client_sha, host_commit));
     }
     Ok(())

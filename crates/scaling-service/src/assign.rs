@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use whist_dbclient::{ClaimOutcome, HasuraClient, ops};
-use whist_types::{Environment, Instance, InstanceStatus, MandelboxId, MandelboxStatus};
+use whist_types::{
+    Environment, Image, Instance, InstanceStatus, MandelboxId, MandelboxStatus, same_commit,
+};
 
 use crate::fleet::{Fleet, FleetView};
 
-/// The commit hash a developer's client sends to accept whatever the region runs.
+/// The commit hash a developer's client sends; the local environment takes any commit as the
+/// region's, other environments compare it like any other.
 pub const LOCAL_DEV_COMMIT: &str = "local_dev";
 
 /// How long a reservation outlives the claim that made it; by then the live query has caught up.
@@ -111,39 +114,49 @@ impl Assigner {
             .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
             .to_string();
         // Capacity that only another client build could use means the client must update;
-        // capacity for this build that is all taken means there is simply none left.
-        let (mut matching_seen, mut mismatching_seen) = (false, false);
+        // capacity for this build that is all taken means there is simply none left; hosts that
+        // run no build of the region's image row are a configuration error, said as such.
+        let (mut matching_seen, mut mismatching_seen, mut misconfigured_seen) =
+            (false, false, false);
         for region in regions {
             let Some(image) = fleet.images.get(region) else {
                 continue;
             };
-            let commit = if self.environment == Environment::Local
-                || request.client_commit_hash == LOCAL_DEV_COMMIT
-            {
-                image.client_sha.as_str()
-            } else {
-                request.client_commit_hash.as_str()
+            let hosts = match match_region(
+                &fleet,
+                image,
+                &request.client_commit_hash,
+                self.environment,
+            ) {
+                RegionMatch::OtherBuild => {
+                    mismatching_seen = true;
+                    continue;
+                }
+                RegionMatch::HostsRunNoBuildOfTheImage => {
+                    misconfigured_seen = true;
+                    tracing::error!(
+                        region,
+                        image = %image.image_id,
+                        client_sha = %image.client_sha,
+                        "the region's image row names a commit none of its ACTIVE hosts runs: nothing can be assigned there until the row or the hosts are fixed"
+                    );
+                    continue;
+                }
+                RegionMatch::Hosts(hosts) => hosts,
             };
-            // The region's build is the one clients must match; hosts carry it after they
-            // register.
-            if image.client_sha == commit {
-                matching_seen = true;
-            } else {
-                mismatching_seen = true;
-                continue;
-            }
-            let matching: Vec<&Instance> = candidates(&fleet, region, &image.image_id)
-                .into_iter()
-                .filter(|instance| instance.client_sha == commit)
-                .collect();
-            for instance in matching {
+            matching_seen = true;
+            for instance in hosts {
                 if let Some(assignment) = self.claim_on(&fleet, instance, user, &session_id).await?
                 {
                     return Ok(assignment);
                 }
             }
         }
-        Err(if mismatching_seen && !matching_seen {
+        Err(if matching_seen {
+            AssignError::NoInstanceAvailable
+        } else if misconfigured_seen {
+            AssignError::ServiceUnavailable
+        } else if mismatching_seen {
             AssignError::CommitHashMismatch
         } else {
             AssignError::NoInstanceAvailable
@@ -248,6 +261,53 @@ fn enabled_regions<'a>(fleet: &Fleet, requested: &'a [String]) -> Vec<&'a str> {
         }
     }
     regions
+}
+
+/// How a region stands for a client's build.
+#[derive(Debug, PartialEq, Eq)]
+enum RegionMatch<'a> {
+    /// The region runs another build than the client's: the client must update.
+    OtherBuild,
+    /// The region's ACTIVE hosts on its image all run builds its image row does not name.
+    HostsRunNoBuildOfTheImage,
+    /// The hosts to try, fullest first (perhaps none with room).
+    Hosts(Vec<&'a Instance>),
+}
+
+/// The one commit rule ([`same_commit`]) applied to a region: the client's build against the
+/// image row's, then the hosts' against both. Only the local environment accepts any client
+/// build (`local_dev` or whatever a developer's client sends) as the region's.
+fn match_region<'a>(
+    fleet: &'a Fleet,
+    image: &'a Image,
+    client_commit: &str,
+    environment: Environment,
+) -> RegionMatch<'a> {
+    let client = if environment == Environment::Local {
+        image.client_sha.as_str()
+    } else {
+        client_commit
+    };
+    if !same_commit(&image.client_sha, client) {
+        return RegionMatch::OtherBuild;
+    }
+    let on_image = || {
+        fleet
+            .instances_in(&image.region)
+            .filter(|i| i.status == InstanceStatus::Active && i.image_id == image.image_id)
+    };
+    let runs_the_build = |i: &Instance| {
+        same_commit(&i.client_sha, &image.client_sha) && same_commit(&i.client_sha, client)
+    };
+    if on_image().next().is_some() && !on_image().any(|i| runs_the_build(i)) {
+        return RegionMatch::HostsRunNoBuildOfTheImage;
+    }
+    RegionMatch::Hosts(
+        candidates(fleet, &image.region, &image.image_id)
+            .into_iter()
+            .filter(|i| runs_the_build(i))
+            .collect(),
+    )
 }
 
 /// ACTIVE instances on the region's current image with free capacity and WAITING boxes, fullest
@@ -358,6 +418,87 @@ mod tests {
             .map(|i| i.id.as_str())
             .collect();
         assert_eq!(ids, ["b", "a"], "old image and full hosts are skipped");
+    }
+
+    fn image(client_sha: &str) -> Image {
+        Image {
+            provider: "AWS".into(),
+            region: "east".into(),
+            image_id: "ami-new".into(),
+            client_sha: client_sha.into(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    fn ids(matched: RegionMatch<'_>) -> Vec<String> {
+        match matched {
+            RegionMatch::Hosts(hosts) => hosts.iter().map(|i| i.id.clone()).collect(),
+            other => panic!("expected hosts, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_commit_rule_for_the_image_the_hosts_and_the_client() {
+        let mut fleet = fleet();
+        // Hosts register with their full commit; the image row may hold an abbreviation.
+        let full = "sha0123456789";
+        fleet.instances = Arc::new(
+            fleet
+                .instances
+                .iter()
+                .cloned()
+                .map(|mut i| {
+                    i.client_sha = full.into();
+                    i
+                })
+                .collect(),
+        );
+        for (row, client) in [("sha0123", full), (full, full), ("sha0123", "sha0123")] {
+            let row_image = image(row);
+            let matched = match_region(&fleet, &row_image, client, Environment::Prod);
+            assert_eq!(ids(matched), ["b", "a"], "row {row}, client {client}");
+        }
+        let abbreviated = image("sha0123");
+        assert_eq!(
+            match_region(&fleet, &abbreviated, "sha9999999", Environment::Prod),
+            RegionMatch::OtherBuild
+        );
+        // An image row no host's commit matches is a configuration error, not a full region.
+        let other = image("other");
+        assert_eq!(
+            match_region(&fleet, &other, "other", Environment::Prod),
+            RegionMatch::HostsRunNoBuildOfTheImage
+        );
+    }
+
+    #[test]
+    fn local_dev_is_the_regions_build_only_in_the_local_environment() {
+        let fleet = fleet();
+        assert_eq!(
+            ids(match_region(
+                &fleet,
+                &image("sha"),
+                LOCAL_DEV_COMMIT,
+                Environment::Local
+            )),
+            ["b", "a"]
+        );
+        assert_eq!(
+            ids(match_region(
+                &fleet,
+                &image("sha"),
+                "anything",
+                Environment::Local
+            )),
+            ["b", "a"]
+        );
+        for environment in [Environment::Dev, Environment::Staging, Environment::Prod] {
+            assert_eq!(
+                match_region(&fleet, &image("sha"), LOCAL_DEV_COMMIT, environment),
+                RegionMatch::OtherBuild,
+                "{environment}"
+            );
+        }
     }
 
     #[test]

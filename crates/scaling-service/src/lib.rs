@@ -131,6 +131,10 @@ pub async fn start(
         .auth
         .clone()
         .map(|auth| whist_auth::JwtVerifier::new(auth, reqwest::Client::new()));
+    // Keeps the JWKS fresh (so a revoked key stops being trusted) until the service stops.
+    if let Some(verifier) = &verifier {
+        drop(verifier.spawn_periodic_refresh(background.clone()));
+    }
     if verifier.is_none() {
         tracing::warn!(
             "no token issuer configured: callers name themselves (local development only)"

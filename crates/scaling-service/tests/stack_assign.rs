@@ -132,12 +132,21 @@ async fn refusals_carry_their_codes() {
         (503, Some("COMMIT_HASH_MISMATCH"))
     );
 
-    // `local_dev` accepts whatever the region runs; disabled regions are skipped in order.
+    // `local_dev` is the region's build only in the local environment; this one is dev.
+    let (status, body) = scaler
+        .assign_as("u1", assign_body(&[&region.name], "local_dev"))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("COMMIT_HASH_MISMATCH"))
+    );
+
+    // Disabled regions are skipped in order.
     let user = unique("user");
     let (status, body) = scaler
         .assign_as(
             &user,
-            assign_body(&[&disabled.name, &region.name], "local_dev"),
+            assign_body(&[&disabled.name, &region.name], &region.client_sha),
         )
         .await;
     assert_eq!(status, 200, "{body}");
@@ -391,4 +400,77 @@ async fn a_host_whose_heartbeat_stopped_gets_no_assignment() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(on(dead).await, 1, "beating again, it takes sessions");
+}
+
+/// Image rows and instance rows may hold an abbreviation of the commit hosts and clients carry
+/// in full: one rule (a prefix or the same) decides at registration and at assignment. An image
+/// row that no host's build matches is refused as the configuration error it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abbreviated_image_commit_assigns_and_one_matching_no_host_is_a_clear_refusal() {
+    let scaler = scaler(&[]).await;
+    let region = Region::create(&scaler.db, 0, true).await;
+    // Hosts registered with the full commit (what `register_instance` writes).
+    region
+        .active_hosts(&scaler.db, 1, 2, &region.image_id)
+        .await;
+    let full = region.client_sha.clone();
+    let abbreviated = &full[..full.len() - 4];
+    scaler
+        .db
+        .execute(&whist_dbclient::ops::set_image(
+            "AWS",
+            &region.name,
+            &region.image_id,
+            abbreviated,
+        ))
+        .await
+        .expect("abbreviated image row");
+    common::eventually(
+        "the abbreviated image row in the fleet view",
+        std::time::Duration::from_secs(20),
+        || {
+            let fleet = scaler.running.as_ref().expect("running").fleet.current();
+            let name = region.name.clone();
+            let abbreviated = abbreviated.to_owned();
+            async move {
+                (fleet.images.get(&name).map(|i| i.client_sha.clone()) == Some(abbreviated))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    wait_for_fleet(&scaler, &region, 2).await;
+    for client in [full.as_str(), abbreviated] {
+        let (status, body) = scaler
+            .assign_as(&unique("user"), assign_body(&[&region.name], client))
+            .await;
+        assert_eq!(status, 200, "client {client}: {body}");
+    }
+
+    // The image row names a build none of the region's hosts runs.
+    scaler
+        .db
+        .execute(&whist_dbclient::ops::set_image(
+            "AWS",
+            &region.name,
+            &region.image_id,
+            "0000000-no-host-runs-this",
+        ))
+        .await
+        .expect("image row");
+    let refused = common::eventually(
+        "the refusal for the misconfigured image row",
+        std::time::Duration::from_secs(20),
+        || async {
+            let (status, body) = scaler
+                .assign_as(
+                    &unique("user"),
+                    assign_body(&[&region.name], "0000000-no-host-runs-this"),
+                )
+                .await;
+            (status == 503 && body["error"] != "NO_INSTANCE_AVAILABLE").then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(refused["error"], "SERVICE_UNAVAILABLE", "{refused}");
 }

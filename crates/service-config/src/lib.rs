@@ -7,6 +7,7 @@
 //! `--auth-issuer` a service outside that one case refuses to start and names the option.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use url::Url;
 use whist_auth::JwtConfig;
@@ -54,7 +55,20 @@ pub struct SharedArgs {
     /// JWKS location when it is not under the issuer.
     #[arg(long, env = "WHIST_AUTH_JWKS_URL")]
     pub auth_jwks_url: Option<Url>,
+
+    /// Seconds between periodic refetches of the JWKS; bounds how long a key the issuer has
+    /// stopped publishing (revoked) is still trusted. At least 1.
+    #[arg(
+        long,
+        env = "WHIST_AUTH_JWKS_REFRESH",
+        default_value_t = DEFAULT_JWKS_REFRESH_SECS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub auth_jwks_refresh: u64,
 }
+
+/// Default of `--auth-jwks-refresh`: the auth crate's default refresh interval, in seconds.
+pub const DEFAULT_JWKS_REFRESH_SECS: u64 = whist_auth::DEFAULT_REFRESH_INTERVAL.as_secs();
 
 /// How callers are identified.
 #[derive(Debug, Clone)]
@@ -108,6 +122,7 @@ impl SharedArgs {
         if let Some(issuer) = &self.auth_issuer {
             return Ok(CallerAuth::Tokens(Box::new(JwtConfig {
                 jwks_url: self.auth_jwks_url.clone(),
+                refresh_interval: Duration::from_secs(self.auth_jwks_refresh),
                 ..JwtConfig::new(issuer.clone(), self.auth_audience.clone())
             })));
         }
@@ -231,5 +246,40 @@ mod tests {
             Some("https://keys.example.com/jwks.json")
         );
         assert_eq!(jwt.audience, DEFAULT_AUDIENCE);
+        assert_eq!(jwt.refresh_interval, whist_auth::DEFAULT_REFRESH_INTERVAL);
+    }
+
+    fn refresh_of(args: &[&str]) -> Result<Duration, String> {
+        let base = [
+            "--environment",
+            "prod",
+            "--auth-issuer",
+            "https://auth.example.com/",
+        ];
+        let args: Vec<&str> = base.iter().chain(args).copied().collect();
+        let auth = shared(&args)?.caller_auth(&[]).map_err(|e| e.to_string())?;
+        Ok(auth.jwt().expect("tokens").refresh_interval)
+    }
+
+    #[test]
+    fn the_jwks_refresh_period_is_carried_and_never_zero() {
+        assert_eq!(
+            DEFAULT_JWKS_REFRESH_SECS,
+            whist_auth::DEFAULT_REFRESH_INTERVAL.as_secs()
+        );
+        assert_eq!(refresh_of(&[]), Ok(whist_auth::DEFAULT_REFRESH_INTERVAL));
+        assert_eq!(
+            refresh_of(&["--auth-jwks-refresh", "1"]),
+            Ok(Duration::from_secs(1))
+        );
+        assert_eq!(
+            refresh_of(&["--auth-jwks-refresh", "300"]),
+            Ok(Duration::from_secs(300))
+        );
+        for bad in ["0", "-1", "1.5", "soon", ""] {
+            let arg = format!("--auth-jwks-refresh={bad}");
+            let error = refresh_of(&[&arg]).expect_err(bad);
+            assert!(error.contains("--auth-jwks-refresh"), "{bad}: {error}");
+        }
     }
 }

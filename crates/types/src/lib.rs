@@ -5,6 +5,7 @@
 //! services and the tests can use it freely.
 
 pub mod capacity;
+pub mod commit;
 pub mod config;
 pub mod image;
 pub mod instance;
@@ -13,6 +14,7 @@ mod status;
 pub mod upgrade;
 
 pub use capacity::{InstanceTypeSpec, capacity_of, instance_type_spec};
+pub use commit::same_commit;
 pub use config::{DesktopAppVersion, Environment, FleetSettings, RegionConfig};
 pub use image::Image;
 pub use instance::{Instance, InstanceStatus, InstanceWithMandelboxes, NewInstance, PROVIDER_AWS};

@@ -1,10 +1,12 @@
 //! The websocket under a live query, adapted to graphql-ws-client.
 //!
 //! graphql-ws-client answers every protocol `ping` with a `pong` that has no payload, and Hasura
-//! answers a payload-less `pong` with another `ping`: together they can bounce messages forever.
-//! This adapter answers server pings itself, echoing the payload (or `{}` when there is none),
-//! and hands the client only a websocket-level `Pong`, which the client ignores except to note
-//! that the connection is alive (its keep-alive timer restarts on every message).
+//! answers any `pong` but the echo of its keep-alive (`{"message":"keepalive"}`) with another
+//! `ping`: together they can bounce messages forever. This adapter answers server pings itself
+//! with the ping's own payload (a ping without one gets a pong without one, as the protocol's
+//! pong mirrors its ping), and hands the client only a websocket-level `Pong`, which the client
+//! ignores except to note that the connection is alive (its keep-alive timer restarts on every
+//! message).
 
 use std::sync::{Arc, Mutex};
 
@@ -30,8 +32,10 @@ impl<S> HasuraSocket<S> {
     }
 }
 
-/// The payload of a protocol-level `ping` from the server, if `text` is one.
-fn server_ping(text: &str) -> Option<Value> {
+/// A protocol-level `ping` from the server, if `text` is one: `Some(payload)`, where `payload` is
+/// `None` for a ping without one (an absent or `null` payload, as Hasura's `.:? "payload"` reads
+/// it).
+fn server_ping(text: &str) -> Option<Option<Value>> {
     // Cheap pre-check: almost every message is data, not a ping.
     if !text.contains("\"ping\"") {
         return None;
@@ -42,8 +46,16 @@ fn server_ping(text: &str) -> Option<Value> {
             .get("payload")
             .cloned()
             .filter(|payload| !payload.is_null())
-            .unwrap_or_else(|| Value::Object(Default::default()))
     })
+}
+
+/// The `pong` that answers a ping with `payload`: the same payload, or none when it had none.
+fn pong(payload: Option<Value>) -> String {
+    match payload {
+        Some(payload) => serde_json::json!({ "type": "pong", "payload": payload }),
+        None => serde_json::json!({ "type": "pong" }),
+    }
+    .to_string()
 }
 
 impl<S> Connection for HasuraSocket<S>
@@ -55,10 +67,9 @@ where
             match self.ws.next().await? {
                 Ok(WsMessage::Text(text)) => {
                     if let Some(payload) = server_ping(text.as_str()) {
-                        let pong = serde_json::json!({ "type": "pong", "payload": payload });
                         if self
                             .ws
-                            .send(WsMessage::Text(pong.to_string().into()))
+                            .send(WsMessage::Text(pong(payload).into()))
                             .await
                             .is_err()
                         {
@@ -125,22 +136,41 @@ mod tests {
     fn recognises_server_pings_and_keeps_their_payload() {
         assert_eq!(
             server_ping(r#"{"type":"ping","payload":{"message":"keepalive"}}"#),
-            Some(json!({"message": "keepalive"}))
+            Some(Some(json!({"message": "keepalive"})))
         );
         assert_eq!(
-            server_ping(r#"{"type":"ping"}"#),
-            Some(json!({})),
-            "never answer without a payload"
+            server_ping(r#"{"type":"ping","payload":{}}"#),
+            Some(Some(json!({})))
         );
-        assert_eq!(
-            server_ping(r#"{"type":"ping","payload":null}"#),
-            Some(json!({}))
-        );
+        assert_eq!(server_ping(r#"{"type":"ping"}"#), Some(None));
+        assert_eq!(server_ping(r#"{"type":"ping","payload":null}"#), Some(None));
         assert_eq!(server_ping(r#"{"type":"pong"}"#), None);
         assert_eq!(
             server_ping(r#"{"type":"next","id":"1","payload":{"data":{"x":"ping"}}}"#),
             None
         );
         assert_eq!(server_ping("not json \"ping\""), None);
+    }
+
+    /// The pong mirrors the ping: its payload when it had one (Hasura's keep-alive, whose echo
+    /// Hasura leaves unanswered), no payload when it had none.
+    #[test]
+    fn a_pong_carries_exactly_the_pings_payload() {
+        let answer = |ping: &str| -> Value {
+            serde_json::from_str(&pong(server_ping(ping).expect("a ping"))).expect("json")
+        };
+        assert_eq!(
+            answer(r#"{"type":"ping","payload":{"message":"keepalive"}}"#),
+            json!({"type": "pong", "payload": {"message": "keepalive"}})
+        );
+        assert_eq!(
+            answer(r#"{"type":"ping","payload":{}}"#),
+            json!({"type": "pong", "payload": {}})
+        );
+        assert_eq!(answer(r#"{"type":"ping"}"#), json!({"type": "pong"}));
+        assert_eq!(
+            answer(r#"{"type":"ping","payload":null}"#),
+            json!({"type": "pong"})
+        );
     }
 }
