@@ -58,4 +58,21 @@ for mount in "$repo/deploy/hasura/migrations:/hasura-migrations" \
     exit 1
   }
 done
+# Hasura's plain /healthz answers 200 with inconsistent metadata; only the strict form fails then.
+grep -qF 'healthz?strict=true' <<<"$config" || {
+  echo "deploy/docker-compose.yml: the hasura healthcheck must use /healthz?strict=true" >&2
+  exit 1
+}
+# The Hasura CLI project (deploy/hasura/config.yaml) talks to compose's engine.
+default="$(grep -oE 'HASURA_ADMIN_SECRET:-[^}]+' deploy/docker-compose.yml | sort -u)"
+[ "$(wc -l <<<"$default")" = 1 ] || {
+  echo "deploy/docker-compose.yml names several default admin secrets: $default" >&2
+  exit 1
+}
+default="${default#HASURA_ADMIN_SECRET:-}"
+cli="$(sed -nE 's/^admin_secret:[[:space:]]*//p' deploy/hasura/config.yaml)"
+[ "$cli" = "$default" ] || {
+  echo "deploy/hasura/config.yaml: admin_secret '$cli' is not compose's default '$default'" >&2
+  exit 1
+}
 echo "deployment artifacts check out"

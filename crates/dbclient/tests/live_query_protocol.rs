@@ -1,7 +1,13 @@
 //! The live-query client against a scripted websocket peer that behaves as Hasura does: a ping
 //! before `connection_ack`, keep-alive pings with a payload, a new ping in answer to any pong
-//! without a payload, and the protocol's close codes. Proves there is no ping/pong loop and that
-//! every kind of failure ends in a clean reconnect. Needs no stack.
+//! that is not the keep-alive's echo, and the protocol's close codes. Proves there is no
+//! ping/pong loop, that a pong mirrors its ping's payload (none for none), and that every kind of
+//! failure ends in a clean reconnect. Needs no stack.
+//!
+//! Hasura's rules, from hasura/graphql-engine `server/src-lib/Hasura/GraphQL/Transport/WebSocket.hs`:
+//! `onPing wsConn mPayload = sendMsg wsConn (SMPong mPayload)`, and `onPong` answers
+//! `Just message` with `SMPing mPayload` unless `message == keepAliveMessage`, and `Nothing` with
+//! `SMPing Nothing`; `keepAliveMessage` is `{"message":"keepalive"}` (`.../WebSocket/Protocol.hs`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +38,8 @@ struct Observed {
     pings_sent: usize,
     pongs_with_payload: usize,
     pongs_without_payload: usize,
+    /// Each probe ping the peer sent and the exact message that answered it.
+    probes: Vec<(Value, Value)>,
 }
 
 /// How the peer treats one connection, by its number (0-based).
@@ -51,6 +59,19 @@ enum Script {
     BadRows,
     /// Ack, send rows, keep sending keep-alives until the client goes.
     ServeForever { instances: usize },
+    /// Ack, send rows, send [`probe_pings`] one at a time recording each answer, then serve
+    /// keep-alives until the client goes.
+    ProbePings { instances: usize },
+}
+
+/// Pings of every shape the protocol allows.
+fn probe_pings() -> [Value; 4] {
+    [
+        json!({"type": "ping"}),
+        json!({"type": "ping", "payload": null}),
+        json!({"type": "ping", "payload": {}}),
+        json!({"type": "ping", "payload": {"message": "probe"}}),
+    ]
 }
 
 struct Peer {
@@ -169,6 +190,23 @@ async fn serve(stream: TcpStream, script: Script, observed: Arc<Mutex<Observed>>
             send_rows(&mut ws, &id, instances).await;
             while keepalive_round(&mut ws, &observed).await {}
         }
+        Script::ProbePings { instances } => {
+            send_rows(&mut ws, &id, instances).await;
+            for ping in probe_pings() {
+                send_json(&mut ws, ping.clone()).await;
+                // The answer is recorded, not answered: following Hasura's rule here would
+                // bounce a payload-less pong back as a payload-less ping forever.
+                let Some(answer) = next_json(&mut ws).await else {
+                    return;
+                };
+                observed
+                    .lock()
+                    .expect("observed")
+                    .probes
+                    .push((ping, answer));
+            }
+            while keepalive_round(&mut ws, &observed).await {}
+        }
     }
 }
 
@@ -184,9 +222,15 @@ async fn keepalive_round(ws: &mut Socket, observed: &Arc<Mutex<Observed>>) -> bo
             Ok(Some(Ok(Message::Text(text)))) => {
                 let message: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
                 match message["type"].as_str() {
-                    // Hasura's rule: a pong without a payload is answered with a ping.
+                    // Hasura's `onPong`: any pong but the keep-alive's echo is answered with a
+                    // ping carrying the pong's payload, or none.
                     Some("pong") if !record_pong(&message, observed) => {
-                        send_ping(ws, observed).await
+                        observed.lock().expect("observed").pings_sent += 1;
+                        let ping = match message.get("payload") {
+                            Some(payload) => json!({"type": "ping", "payload": payload}),
+                            None => json!({"type": "ping"}),
+                        };
+                        send_json(ws, ping).await;
                     }
                     Some("ping") => send_json(ws, json!({"type": "pong"})).await,
                     _ => {}
@@ -347,6 +391,37 @@ async fn hasura_keepalives_cause_no_ping_pong_loop_and_close_codes_reconnect() {
         observed.pongs_with_payload >= 15,
         "pings were answered: {observed:?}"
     );
+}
+
+/// Server pings the client answers itself: each pong carries the ping's payload, and a ping
+/// without one (absent or `null`) gets a pong without one, not `"payload": {}`.
+#[tokio::test]
+async fn a_pong_mirrors_its_pings_payload() {
+    let peer = start_peer(vec![Script::ProbePings { instances: 1 }]).await;
+    let mut subscription = subscribe(&peer, Duration::from_secs(5));
+    assert_eq!(next_snapshot(&mut subscription).await.rows.len(), 1);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while peer.observed.lock().expect("observed").probes.len() < probe_pings().len() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every probe ping was answered");
+
+    let observed = peer.observed.lock().expect("observed");
+    let answers: Vec<&Value> = observed.probes.iter().map(|(_, answer)| answer).collect();
+    assert_eq!(
+        answers,
+        [
+            &json!({"type": "pong"}),
+            &json!({"type": "pong"}),
+            &json!({"type": "pong", "payload": {}}),
+            &json!({"type": "pong", "payload": {"message": "probe"}}),
+        ],
+        "{:?}",
+        observed.probes
+    );
+    assert_eq!(observed.connections, 1, "the probes cost no reconnect");
 }
 
 #[tokio::test]

@@ -44,10 +44,12 @@ async fn bad_requests_get_clear_answers_and_leave_sessions_alone() {
         .await;
     assert_eq!(status, 401);
 
-    // 400: not JSON, no id, an id that is not a UUID, json_data that is neither form.
+    // 400: not JSON, no id, no json_data (the API requires it), an id that is not a UUID,
+    // json_data that is neither form.
     for bad in [
         "not json".to_owned(),
         json!({ "json_data": "{}" }).to_string(),
+        json!({ "mandelbox_id": claimed.to_string() }).to_string(),
         json!({ "mandelbox_id": "nope", "json_data": "{}" }).to_string(),
         json!({ "mandelbox_id": claimed.to_string(), "json_data": "%%%" }).to_string(),
     ] {
@@ -88,6 +90,19 @@ async fn bad_requests_get_clear_answers_and_leave_sessions_alone() {
     let http = host.http.clone().expect("client");
     let response = http.post(&url).send().await.expect("answer");
     assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "PUT, OPTIONS");
+
+    // One body limit with the scaling-service: past it, 413 before anything is read.
+    let oversized = "a".repeat(whist_service_config::MAX_REQUEST_BODY_BYTES + 1);
+    let response = http
+        .put(&url)
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(oversized)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 413);
     let response = http
         .request(reqwest::Method::OPTIONS, &url)
         .send()

@@ -299,7 +299,7 @@ fn match_region<'a>(
     let runs_the_build = |i: &Instance| {
         same_commit(&i.client_sha, &image.client_sha) && same_commit(&i.client_sha, client)
     };
-    if on_image().next().is_some() && !on_image().any(|i| runs_the_build(i)) {
+    if on_image().next().is_some() && !on_image().any(runs_the_build) {
         return RegionMatch::HostsRunNoBuildOfTheImage;
     }
     RegionMatch::Hosts(

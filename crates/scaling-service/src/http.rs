@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -46,6 +46,10 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        // The hosts' limit too, so a body is refused (413) the same whichever way it comes.
+        .layer(DefaultBodyLimit::max(
+            whist_service_config::MAX_REQUEST_BODY_BYTES,
+        ))
         .with_state(state)
 }
 
@@ -211,7 +215,7 @@ async fn proxy_transport(
         .db
         .execute(&ops::mandelbox_by_id(id))
         .await
-        .map_err(|_| ApiError::Unavailable)?
+        .map_err(|error| ApiError::Unavailable(error.to_string()))?
         .ok_or(ApiError::UnknownMandelbox)?;
     if let Some(caller) = &caller
         && mandelbox.user_id.as_deref() != Some(caller.as_str())
@@ -222,7 +226,7 @@ async fn proxy_transport(
         .db
         .execute(&ops::instance_by_id(&mandelbox.instance_id))
         .await
-        .map_err(|_| ApiError::Unavailable)?
+        .map_err(|error| ApiError::Unavailable(error.to_string()))?
         .ok_or(ApiError::UnknownMandelbox)?;
     let ip = instance
         .ip()
@@ -244,7 +248,7 @@ async fn proxy_transport(
         if error.is_timeout() {
             ApiError::HostTimeout
         } else {
-            ApiError::HostUnreachable
+            ApiError::HostUnreachable(error.to_string())
         }
     })?;
     let status =
@@ -253,7 +257,7 @@ async fn proxy_transport(
     let bytes = response
         .bytes()
         .await
-        .map_err(|_| ApiError::HostUnreachable)?;
+        .map_err(|error| ApiError::HostUnreachable(error.to_string()))?;
     let mut reply = (status, bytes).into_response();
     if let Some(content_type) = content_type {
         reply
@@ -292,14 +296,48 @@ enum ApiError {
     UnknownMandelbox,
     #[error("this mandelbox is not assigned to you")]
     NotYours,
-    #[error("the database is unavailable; try again")]
-    Unavailable,
-    #[error("the mandelbox's host did not answer")]
-    HostUnreachable,
+    /// The database failed; the detail is logged, never sent.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The host failed; the detail is logged, never sent.
+    #[error("the mandelbox's host did not answer: {0}")]
+    HostUnreachable(String),
     #[error("the mandelbox's host did not answer in time")]
     HostTimeout,
     #[error("{}", .0.code())]
     Assign(AssignError),
+}
+
+impl ApiError {
+    /// What the caller is told: what it did wrong, never how this service failed inside.
+    /// Failures that are not the caller's get an id that the log line with the details carries.
+    fn body(&self) -> serde_json::Value {
+        let internal = match self {
+            Self::Auth(AuthError::JwksUnavailable(_)) => {
+                Some("the token issuer's signing keys cannot be fetched; try again")
+            }
+            Self::Unavailable(_) | Self::HostUnreachable(_) | Self::HostTimeout => {
+                Some(self.public_message())
+            }
+            _ => None,
+        };
+        match internal {
+            Some(message) => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                tracing::warn!(error.id = %id, error = %self, "request failed");
+                json!({ "error": message, "error_id": id })
+            }
+            None => json!({ "error": self.to_string() }),
+        }
+    }
+
+    fn public_message(&self) -> &'static str {
+        match self {
+            Self::HostUnreachable(_) => "the mandelbox's host did not answer",
+            Self::HostTimeout => "the mandelbox's host did not answer in time",
+            _ => "the database is unavailable; try again",
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -307,28 +345,23 @@ impl IntoResponse for ApiError {
         let status = match &self {
             Self::Method(..) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Body(_) => StatusCode::BAD_REQUEST,
-            Self::Auth(AuthError::JwksUnavailable(_)) | Self::Unavailable => {
+            Self::Auth(AuthError::JwksUnavailable(_)) | Self::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::UnknownMandelbox => StatusCode::NOT_FOUND,
             Self::NotYours => StatusCode::FORBIDDEN,
-            Self::HostUnreachable => StatusCode::BAD_GATEWAY,
+            Self::HostUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::HostTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Assign(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
-        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        let mut response = (status, Json(self.body())).into_response();
         match &self {
             Self::Method(_, allowed) => {
-                let allow = if *allowed == "POST" {
-                    "POST, OPTIONS"
-                } else {
-                    "PUT, OPTIONS"
-                };
                 response
                     .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                    .insert(header::ALLOW, HeaderValue::from_static(allowed));
             }
             Self::RateLimited => {
                 response

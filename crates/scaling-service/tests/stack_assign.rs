@@ -223,6 +223,14 @@ async fn bad_requests_are_refused_with_a_message() {
 
     let response = http.get(&url).send().await.expect("answer");
     assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST, OPTIONS");
+    let response = http
+        .get(scaler.url("/json_transport"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "PUT, OPTIONS");
     let response = http
         .request(reqwest::Method::OPTIONS, &url)
         .send()
@@ -473,4 +481,66 @@ async fn an_abbreviated_image_commit_assigns_and_one_matching_no_host_is_a_clear
     )
     .await;
     assert_eq!(refused["error"], "SERVICE_UNAVAILABLE", "{refused}");
+}
+
+/// One body limit for both services: a `json_transport` body is refused (413) by the
+/// scaling-service exactly where a host would refuse it, and accepted just below.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_limit_is_the_hosts_and_is_enforced_before_anything_else() {
+    let scaler = scaler(&[]).await;
+    let token = scaler.issuer.token(&unique("user"));
+    let limit = whist_service_config::MAX_REQUEST_BODY_BYTES;
+    let body = |size: usize| {
+        let mut body = format!(
+            r#"{{"mandelbox_id":"{}","json_data":""#,
+            whist_types::MandelboxId::new_random()
+        );
+        body.push_str(&"a".repeat(size - body.len() - 2));
+        body.push_str(r#""}"#);
+        assert_eq!(body.len(), size);
+        body
+    };
+    for (size, refused) in [(limit + 1, true), (3 * 1024 * 1024, false), (limit, false)] {
+        let response = scaler
+            .http
+            .put(scaler.url("/json_transport"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body(size))
+            .send()
+            .await
+            .expect("answer");
+        if refused {
+            assert_eq!(response.status(), 413, "{size} bytes");
+        } else {
+            // Read whole, then refused for what it says (no such mandelbox).
+            assert_eq!(response.status(), 404, "{size} bytes");
+        }
+    }
+}
+
+/// A failure that is not the caller's says what to do and carries an id for the log line with
+/// the details, never the details themselves (addresses, library errors).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_bodies_carry_no_internals() {
+    // The issuer's keys are behind a closed loopback port.
+    let scaler = scaler(&["--auth-jwks-url", "http://127.0.0.1:9/jwks.json"]).await;
+    let response = scaler
+        .http
+        .post(scaler.url("/mandelbox/assign"))
+        .bearer_auth(scaler.issuer.token("someone"))
+        .json(&json!({"regions": ["us-east-1"]}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.expect("json");
+    let text = body.to_string();
+    for internal in ["127.0.0.1", "jwks.json", "tcp", "connect", "error sending"] {
+        assert!(!text.contains(internal), "{internal} in {text}");
+    }
+    assert!(
+        body["error_id"].as_str().is_some_and(|id| id.len() == 32),
+        "{body}"
+    );
 }

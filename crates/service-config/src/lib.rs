@@ -14,6 +14,11 @@ use whist_auth::JwtConfig;
 use whist_dbclient::HasuraConfig;
 use whist_types::Environment;
 
+/// The largest request body either service reads, the same for a `json_transport` sent to a
+/// host directly and one proxied by the scaling-service (413 past it). A client's
+/// configuration carries browser data; a few megabytes is generous.
+pub const MAX_REQUEST_BODY_BYTES: usize = 8 * 1024 * 1024;
+
 /// The audience the clients' tokens carry unless told otherwise.
 pub const DEFAULT_AUDIENCE: &str = "https://api.fractal.co";
 

@@ -23,9 +23,6 @@ use crate::mandelbox::files::{UndecodableClientConfig, decode_client_config};
 use crate::metrics::Metrics;
 use whist_auth::{AuthError, JwtVerifier, bearer_token};
 
-/// Browser data can make a client's configuration large; anything past this is refused.
-const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
-
 /// What the routes share.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -41,7 +38,9 @@ pub fn transport_router(state: AppState) -> axum::Router {
         .route("/json_transport", any(json_transport))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(
+            whist_service_config::MAX_REQUEST_BODY_BYTES,
+        ))
         .with_state(state)
 }
 
@@ -95,7 +94,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 #[derive(Debug, Deserialize)]
 struct TransportBody {
     mandelbox_id: String,
-    #[serde(default)]
+    /// Required (the API says so); an empty string is an empty configuration.
     json_data: String,
 }
 
@@ -130,7 +129,13 @@ async fn handle_transport(
         }
         None => None,
     };
-    let Json(body) = body.map_err(|rejection| ApiError::Body(rejection.body_text()))?;
+    let Json(body) = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge
+        } else {
+            ApiError::Body(rejection.body_text())
+        }
+    })?;
     let id: MandelboxId = body.mandelbox_id.trim().parse().map_err(|_| {
         ApiError::Body(format!(
             "mandelbox_id {:?} is not a UUID",
@@ -154,6 +159,11 @@ enum ApiError {
     Method(Method),
     #[error("malformed body: {0}")]
     Body(String),
+    #[error(
+        "the body is larger than {} bytes",
+        whist_service_config::MAX_REQUEST_BODY_BYTES
+    )]
+    TooLarge,
     #[error(transparent)]
     Config(#[from] UndecodableClientConfig),
     #[error(transparent)]
@@ -167,6 +177,7 @@ impl ApiError {
         match self {
             Self::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Body(_) | Self::Config(_) => StatusCode::BAD_REQUEST,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Auth(AuthError::JwksUnavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
             Self::Transport(error) => match error {
@@ -184,10 +195,34 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What the caller is told: what it did wrong, never how this host failed inside. Failures
+    /// that are not the caller's get an id that the log line with the details carries too.
+    fn body(&self) -> serde_json::Value {
+        let internal = match self {
+            Self::Auth(AuthError::JwksUnavailable(_)) => {
+                Some("the token issuer's signing keys cannot be fetched; try again")
+            }
+            Self::Transport(TransportError::Internal(_)) => {
+                Some("the host failed to start the session")
+            }
+            _ => None,
+        };
+        match internal {
+            Some(message) => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                tracing::error!(error.id = %id, error = %self, "json_transport failed");
+                json!({ "error": message, "error_id": id })
+            }
+            None => json!({ "error": self.to_string() }),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        let mut response = (status, Json(self.body())).into_response();
         if let Self::Method(_) = self {
             response
                 .headers_mut()
