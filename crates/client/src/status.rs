@@ -169,6 +169,7 @@ mod tests {
             updated_at: Utc::now(),
             fleet: None,
             heartbeat_at: Utc::now(),
+            tls_fingerprint: None,
         }
     }
 

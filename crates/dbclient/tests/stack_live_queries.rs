@@ -151,6 +151,7 @@ async fn an_engine_restart_is_survived_and_missed_changes_arrive_in_the_first_di
             &kept,
             "198.51.100.1",
             "sha",
+            common::TEST_FINGERPRINT,
         ))
         .await
         .expect("register")

@@ -37,6 +37,7 @@ async fn instance_lifecycle_from_launch_to_removal() {
             &id,
             "203.0.113.7",
             "test-sha-full",
+            common::TEST_FINGERPRINT,
         ))
         .await
         .expect("register")
@@ -45,7 +46,12 @@ async fn instance_lifecycle_from_launch_to_removal() {
     assert_eq!(registered.ip(), Some([203, 0, 113, 7].into()));
     assert_eq!(registered.client_sha, "test-sha-full");
     let again = client
-        .execute(&ops::instances::register_instance(&id, "203.0.113.7", "x"))
+        .execute(&ops::instances::register_instance(
+            &id,
+            "203.0.113.7",
+            "x",
+            common::TEST_FINGERPRINT,
+        ))
         .await
         .expect("register");
     assert_eq!(again, None, "registration happens once");

@@ -151,10 +151,15 @@ pub async fn start(
         })?;
     let runtime: Arc<dyn ContainerRuntime> = Arc::new(docker);
 
+    // The certificate comes first: registration publishes its fingerprint, the only one the
+    // scaling-service's proxy will accept from this host.
+    let tls = http::tls::self_signed(&subject_alt_names(&identity))
+        .map_err(|error| startup(format!("make the TLS certificate: {error}")))?;
     let registration = registration::register_waiting_for_row(
         &db,
         &identity,
         &config.host_commit,
+        &http::tls::fingerprint(&tls.certificate_der),
         config.timeouts.registration_wait,
     )
     .await
@@ -231,8 +236,6 @@ pub async fn start(
     if verifier.is_none() {
         tracing::warn!("no token issuer configured: json_transport does not check callers");
     }
-    let tls = http::tls::self_signed(&subject_alt_names(&identity))
-        .map_err(|error| startup(format!("make the TLS certificate: {error}")))?;
 
     let metrics = Arc::new(Metrics::new());
     let agent_shutdown = shutdown.child_token();

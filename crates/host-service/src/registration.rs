@@ -1,5 +1,6 @@
 //! Registration: the instance row the scaling-service created must describe this host; then it
-//! turns ACTIVE with this host's address and full commit.
+//! turns ACTIVE with this host's address, full commit and TLS certificate fingerprint (the one
+//! certificate its `json_transport` may present; a restarted host publishes its new one).
 //!
 //! A row already ACTIVE with the same identity is this host after a restart of the service, and
 //! is resumed; a DRAINING row means the fleet wants this host gone, so it drains at once.
@@ -58,12 +59,13 @@ pub async fn register_waiting_for_row(
     db: &HasuraClient,
     identity: &HostIdentity,
     host_commit: &str,
+    tls_fingerprint: &str,
     wait: Duration,
 ) -> Result<Registration, RegistrationError> {
     let deadline = Instant::now() + wait;
     let mut logged = false;
     loop {
-        match register(db, identity, host_commit).await {
+        match register(db, identity, host_commit, tls_fingerprint).await {
             Err(RegistrationError::NoRow(id)) if Instant::now() < deadline => {
                 if !logged {
                     tracing::info!(instance.id = %id, ?wait, "no instance row yet; waiting for it");
@@ -80,6 +82,7 @@ pub async fn register(
     db: &HasuraClient,
     identity: &HostIdentity,
     host_commit: &str,
+    tls_fingerprint: &str,
 ) -> Result<Registration, RegistrationError> {
     let id = &identity.instance_id;
     let row = db
@@ -91,7 +94,12 @@ pub async fn register(
     match row.status {
         InstanceStatus::PreConnection => {
             match db
-                .execute(&ops::register_instance(id, &ip, host_commit))
+                .execute(&ops::register_instance(
+                    id,
+                    &ip,
+                    host_commit,
+                    tls_fingerprint,
+                ))
                 .await?
             {
                 Some(instance) => Ok(Registration::Registered(instance)),
@@ -110,9 +118,34 @@ pub async fn register(
                     host: ip,
                 });
             }
-            Ok(Registration::Resumed(row))
+            Ok(Registration::Resumed(
+                published(db, row, tls_fingerprint).await?,
+            ))
         }
-        InstanceStatus::Draining => Ok(Registration::Draining(row)),
+        // A draining host still answers the json_transport of sessions it was given.
+        InstanceStatus::Draining => Ok(Registration::Draining(
+            published(db, row, tls_fingerprint).await?,
+        )),
+    }
+}
+
+/// The row with this start's certificate fingerprint on it (a restart made a new certificate).
+async fn published(
+    db: &HasuraClient,
+    row: Instance,
+    tls_fingerprint: &str,
+) -> Result<Instance, RegistrationError> {
+    let id = row.id.clone();
+    match db
+        .execute(&ops::publish_certificate(&id, tls_fingerprint))
+        .await?
+    {
+        Some(updated) => Ok(updated),
+        None => {
+            let now = db.execute(&ops::instance_by_id(&id)).await?;
+            let status = now.map_or("deleted".to_owned(), |row| row.status.to_string());
+            Err(RegistrationError::Raced(status))
+        }
     }
 }
 
@@ -176,6 +209,7 @@ mod tests {
             updated_at: chrono::Utc::now(),
             fleet: None,
             heartbeat_at: chrono::Utc::now(),
+            tls_fingerprint: None,
         }
     }
 

@@ -25,6 +25,9 @@ use whist_types::{
     RegionConfig,
 };
 
+/// The certificate fingerprint the benchmark's hosts publish (no TLS server presents it).
+const BENCH_FINGERPRINT: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     whist_logging::init_from_env()?;
@@ -227,6 +230,7 @@ async fn fleet(
             &instance.id,
             "127.0.0.1",
             "bench-sha",
+            BENCH_FINGERPRINT,
         ))
         .await?;
     }
@@ -263,8 +267,13 @@ async fn fleet_with_target(
         fleet: Some("whist-local".into()),
     }]))
     .await?;
-    db.execute(&ops::register_instance(&id, "127.0.0.1", "bench-sha"))
-        .await?;
+    db.execute(&ops::register_instance(
+        &id,
+        "127.0.0.1",
+        "bench-sha",
+        BENCH_FINGERPRINT,
+    ))
+    .await?;
     let rows: Vec<NewMandelbox> = (0..target)
         .map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "WHISTIUM", &id))
         .collect();

@@ -801,6 +801,7 @@ fn pending_instance(host: &CloudHost, client_sha: &str, fleet: &str) -> Instance
         updated_at: now,
         fleet: Some(fleet.to_owned()),
         heartbeat_at: now,
+        tls_fingerprint: None,
     }
 }
 

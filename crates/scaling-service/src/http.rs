@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -22,6 +22,7 @@ use whist_types::MandelboxId;
 use crate::assign::{AssignError, AssignRequest, Assigner};
 use crate::fleet::FleetView;
 use crate::metrics::Metrics;
+use crate::pinned::PinnedClients;
 
 /// The port every host serves `json_transport` on.
 pub const HOST_TRANSPORT_PORT: u16 = 4678;
@@ -35,7 +36,8 @@ pub struct AppState {
     pub verifier: Option<JwtVerifier>,
     pub metrics: Arc<Metrics>,
     pub limiter: Arc<RateLimiter>,
-    pub proxy: reqwest::Client,
+    /// HTTPS to hosts, each pinned to the certificate its row publishes.
+    pub proxy: Arc<PinnedClients>,
     pub leader: watch::Receiver<bool>,
 }
 
@@ -51,19 +53,6 @@ pub fn router(state: AppState) -> axum::Router {
             whist_service_config::MAX_REQUEST_BODY_BYTES,
         ))
         .with_state(state)
-}
-
-/// A client for the hosts' `json_transport`: hosts make their certificates themselves at boot,
-/// so there is no authority to check them against; the address comes from our own database.
-pub fn proxy_client(timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        // A host answering with a redirect must not steer this service anywhere else.
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(timeout)
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .expect("a client with timeouts and no custom roots always builds")
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -232,12 +221,17 @@ async fn proxy_transport(
         .ip()
         .filter(|ip| routable_host(*ip))
         .ok_or(ApiError::UnknownMandelbox)?;
+    // Only the certificate the host published: anything else at its address gets nothing.
+    let proxy = instance
+        .tls_fingerprint
+        .as_deref()
+        .and_then(|fingerprint| state.proxy.pinned_to(fingerprint))
+        .ok_or(ApiError::HostUnverified)?;
     let url = format!(
         "https://{}/json_transport",
         std::net::SocketAddr::new(ip, HOST_TRANSPORT_PORT)
     );
-    let mut request = state
-        .proxy
+    let mut request = proxy
         .put(url)
         .header(header::CONTENT_TYPE, "application/json")
         .body(body);
@@ -304,6 +298,8 @@ enum ApiError {
     HostUnreachable(String),
     #[error("the mandelbox's host did not answer in time")]
     HostTimeout,
+    #[error("the mandelbox's host has not published its certificate")]
+    HostUnverified,
     #[error("{}", .0.code())]
     Assign(AssignError),
 }
@@ -352,7 +348,7 @@ impl IntoResponse for ApiError {
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::UnknownMandelbox => StatusCode::NOT_FOUND,
             Self::NotYours => StatusCode::FORBIDDEN,
-            Self::HostUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::HostUnreachable(_) | Self::HostUnverified => StatusCode::BAD_GATEWAY,
             Self::HostTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Assign(_) => StatusCode::SERVICE_UNAVAILABLE,
         };

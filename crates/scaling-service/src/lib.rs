@@ -11,6 +11,7 @@ pub mod hosts;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod pinned;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -150,7 +151,7 @@ pub async fn start(
             config.assign_rate_per_user,
             config.assign_burst_per_user,
         )),
-        proxy: http::proxy_client(config.proxy_timeout),
+        proxy: Arc::new(pinned::PinnedClients::new(config.proxy_timeout)),
         leader: leader.clone(),
     };
     let router = http::router(state);

@@ -48,6 +48,10 @@ pub struct Instance {
     pub fleet: Option<String>,
     /// The host's last heartbeat, on the database clock (nothing else moves it).
     pub heartbeat_at: DateTime<Utc>,
+    /// SHA-256 of the host's TLS certificate (DER, lower-case hex), published when it
+    /// registers; the only certificate its `json_transport` may present.
+    #[serde(default)]
+    pub tls_fingerprint: Option<String>,
 }
 
 impl Instance {
@@ -105,6 +109,7 @@ mod tests {
             updated_at: DateTime::UNIX_EPOCH,
             fleet: None,
             heartbeat_at: DateTime::UNIX_EPOCH,
+            tls_fingerprint: None,
         }
     }
 

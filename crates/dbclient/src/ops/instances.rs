@@ -81,21 +81,45 @@ pub fn insert_instances(instances: &[NewInstance]) -> Operation<u64> {
 }
 
 const REGISTER_INSTANCE: &str = concat!(
-    "mutation RegisterInstance($id: String!, $ip_addr: inet!, $client_sha: String!) { ",
+    "mutation RegisterInstance($id: String!, $ip_addr: inet!, $client_sha: String!, $tls_fingerprint: String!) { ",
     "update_whist_instances(where: {id: {_eq: $id}, status: {_eq: \"PRE_CONNECTION\"}}, ",
-    "_set: {status: \"ACTIVE\", ip_addr: $ip_addr, client_sha: $client_sha, heartbeat_at: \"1970-01-01T00:00:00Z\"}) { affected_rows returning { ",
+    "_set: {status: \"ACTIVE\", ip_addr: $ip_addr, client_sha: $client_sha, tls_fingerprint: $tls_fingerprint, heartbeat_at: \"1970-01-01T00:00:00Z\"}) { affected_rows returning { ",
     instance_fields!(),
     " } } }"
 );
 
-/// A host's registration: PRE_CONNECTION → ACTIVE with its real address and full commit, and
-/// its first heartbeat.
-/// `None` when the row is not (or no longer) in PRE_CONNECTION, e.g. drained meanwhile.
-pub fn register_instance(id: &str, ip_addr: &str, client_sha: &str) -> Operation<Option<Instance>> {
+/// A host's registration: PRE_CONNECTION → ACTIVE with its real address, full commit and TLS
+/// certificate fingerprint, and its first heartbeat. `None` when the row is not (or no longer)
+/// in PRE_CONNECTION, e.g. drained meanwhile.
+pub fn register_instance(
+    id: &str,
+    ip_addr: &str,
+    client_sha: &str,
+    tls_fingerprint: &str,
+) -> Operation<Option<Instance>> {
     Operation::new(
         "RegisterInstance",
         REGISTER_INSTANCE,
-        json!({ "id": id, "ip_addr": ip_addr, "client_sha": client_sha }),
+        json!({ "id": id, "ip_addr": ip_addr, "client_sha": client_sha, "tls_fingerprint": tls_fingerprint }),
+        returning_one("update_whist_instances"),
+    )
+}
+
+const PUBLISH_CERTIFICATE: &str = concat!(
+    "mutation PublishCertificate($id: String!, $tls_fingerprint: String!) { ",
+    "update_whist_instances(where: {id: {_eq: $id}, status: {_in: [\"ACTIVE\", \"DRAINING\"]}}, ",
+    "_set: {tls_fingerprint: $tls_fingerprint}) { affected_rows returning { ",
+    instance_fields!(),
+    " } } }"
+);
+
+/// A restarted host's new certificate fingerprint on its registered row. `None` when the row is
+/// not ACTIVE or DRAINING.
+pub fn publish_certificate(id: &str, tls_fingerprint: &str) -> Operation<Option<Instance>> {
+    Operation::new(
+        "PublishCertificate",
+        PUBLISH_CERTIFICATE,
+        json!({ "id": id, "tls_fingerprint": tls_fingerprint }),
         returning_one("update_whist_instances"),
     )
 }
@@ -230,7 +254,8 @@ mod tests {
         assert_well_formed(&instances());
         assert_well_formed(&instances_in_region("us-east-1"));
         assert_well_formed(&insert_instances(&[new_instance()]));
-        assert_well_formed(&register_instance("i-1", "1.2.3.4", "abc"));
+        assert_well_formed(&register_instance("i-1", "1.2.3.4", "abc", &"f".repeat(64)));
+        assert_well_formed(&publish_certificate("i-1", &"f".repeat(64)));
         assert_well_formed(&heartbeat("i-1"));
         assert_well_formed(&transition_instance(
             "i-1",
@@ -295,7 +320,7 @@ mod tests {
 
     #[test]
     fn registration_only_moves_a_pre_connection_row() {
-        let operation = register_instance("i-1", "1.2.3.4", "abc");
+        let operation = register_instance("i-1", "1.2.3.4", "abc", &"f".repeat(64));
         assert!(
             operation
                 .document()

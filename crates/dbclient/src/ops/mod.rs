@@ -22,7 +22,7 @@ pub use self::scaling::*;
 /// The columns of `whist.instances`, in table order.
 macro_rules! instance_fields {
     () => {
-        "id provider region image_id client_sha ip_addr instance_type remaining_capacity status created_at updated_at fleet heartbeat_at"
+        "id provider region image_id client_sha ip_addr instance_type remaining_capacity status created_at updated_at fleet heartbeat_at tls_fingerprint"
     };
 }
 

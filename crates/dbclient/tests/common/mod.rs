@@ -25,6 +25,10 @@ pub fn fast_live_options() -> LiveOptions {
     }
 }
 
+/// The certificate fingerprint test hosts publish (no TLS server presents it).
+pub const TEST_FINGERPRINT: &str =
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
 /// The fleet the tests' instance rows belong to.
 pub const FLEET: &str = "whist-test";
 

@@ -2,8 +2,8 @@
 //! host's HTTP surface with it.
 //!
 //! The host has no name a public CA would vouch for, so it makes a fresh ECDSA P-256 key and a
-//! self-signed certificate at start and publishes the certificate (DER) through the database;
-//! clients pin exactly that certificate. Nothing is written to disk.
+//! self-signed certificate at start and publishes its SHA-256 ([`fingerprint`]) on its instance
+//! row; the scaling-service's proxy pins exactly that certificate. Nothing is written to disk.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -129,6 +129,16 @@ pub fn self_signed(subject_alt_names: &[String]) -> Result<SelfSigned, TlsError>
         certificate_der,
         server_config: Arc::new(server_config),
     })
+}
+
+/// The SHA-256 of a certificate (DER), lower-case hex: what the host publishes on its row and
+/// what its clients pin.
+pub fn fingerprint(certificate_der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, certificate_der)
+        .as_ref()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 fn san(name: &str) -> Result<SanType, TlsError> {

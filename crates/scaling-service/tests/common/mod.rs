@@ -19,6 +19,10 @@ use whist_types::{
     Instance, InstanceStatus, MandelboxId, MandelboxStatus, NewInstance, NewMandelbox, RegionConfig,
 };
 
+/// The certificate fingerprint test hosts publish (no TLS server presents it).
+pub const TEST_FINGERPRINT: &str =
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
 pub const INSTANCE_TYPE: &str = "g4dn.2xlarge";
 
 pub fn db() -> HasuraClient {
@@ -298,9 +302,14 @@ impl Region {
 /// Does what a booting host-service does to its row: ACTIVE with an address, then one WAITING
 /// box per free session.
 pub async fn register(db: &HasuraClient, id: &str, boxes: usize, client_sha: &str) {
-    db.execute(&ops::register_instance(id, "127.0.0.1", client_sha))
-        .await
-        .expect("register");
+    db.execute(&ops::register_instance(
+        id,
+        "127.0.0.1",
+        client_sha,
+        TEST_FINGERPRINT,
+    ))
+    .await
+    .expect("register");
     let rows: Vec<NewMandelbox> = (0..boxes)
         .map(|_| NewMandelbox::waiting(MandelboxId::new_random(), "WHISTIUM", id))
         .collect();

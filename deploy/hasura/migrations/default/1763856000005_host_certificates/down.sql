@@ -1,0 +1,1 @@
+ALTER TABLE whist.instances DROP COLUMN IF EXISTS tls_fingerprint;
