@@ -396,6 +396,7 @@ impl Agent {
             Done::Accepted { id, row } => self.on_accepted(id, row),
             Done::RowChecked { id, row } => self.on_row_checked(id, row),
             Done::Delivered { id, ok } => self.on_delivered(id, ok),
+            Done::ConfigRefused { id } => self.on_config_refused(id),
             Done::Retired { id, deleted } => self.on_retired(id, deleted),
             Done::TornDown {
                 id,

@@ -110,6 +110,18 @@ impl Agent {
         ));
     }
 
+    /// The caller's configuration was refused before anything reached the box: it waits for
+    /// the owner's next `json_transport` as if this one had never come.
+    pub(super) fn on_config_refused(&mut self, id: MandelboxId) {
+        let Some(tracked) = self.boxes.get_mut(&id) else {
+            return;
+        };
+        if let Phase::Delivering { user } = &tracked.phase {
+            let user = user.clone();
+            tracked.enter(Phase::Connecting { user });
+        }
+    }
+
     pub(super) fn on_delivered(&mut self, id: MandelboxId, ok: bool) {
         let Some(tracked) = self.boxes.get_mut(&id) else {
             return;

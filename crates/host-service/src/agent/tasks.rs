@@ -48,6 +48,10 @@ pub(crate) enum Done {
         id: MandelboxId,
         ok: bool,
     },
+    /// The caller's configuration could not be decoded; the box waits for a good one.
+    ConfigRefused {
+        id: MandelboxId,
+    },
     /// The conditional delete of a zygote's WAITING row: `false` when a claim got there first.
     Retired {
         id: MandelboxId,
@@ -309,18 +313,33 @@ pub(crate) async fn check_row(context: Context, id: MandelboxId) {
     context.report(Done::RowChecked { id, row });
 }
 
+/// Client configurations decoded at once on one host; a decode holds a blocking thread and up to
+/// 64 MiB, so this bounds what many owners' large configurations can take together.
+static DECODING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Phase B, second step: the client's config goes in, the box signals readiness, the row turns
 /// RUNNING and the caller gets its ports and key.
 pub(crate) async fn deliver(
     context: Context,
-    request: TransportRequest,
+    mut request: TransportRequest,
     dir: PathBuf,
     ready_timeout: Duration,
     ready: SessionReady,
     ended: CancellationToken,
 ) {
     let id = request.id;
-    let config = request.config.clone();
+    // The owner's configuration is decoded only now, off the async workers, a few at a time: a
+    // decompression bomb costs its sender, not every other session on the host.
+    let decoded = {
+        let _permit = DECODING.acquire().await;
+        let json_data = std::mem::take(&mut request.json_data);
+        tokio::task::spawn_blocking(move || files::decode_client_config(&json_data)).await
+    };
+    let Ok(Ok(config)) = decoded else {
+        request.answer(Err(TransportError::BadConfig));
+        context.report(Done::ConfigRefused { id });
+        return;
+    };
     let written = {
         let dir = dir.clone();
         tokio::task::spawn_blocking(move || files::write_client_config(&dir, &config)).await

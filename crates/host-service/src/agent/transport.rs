@@ -33,20 +33,24 @@ pub enum TransportError {
     Draining,
     #[error("the database is unavailable; try again")]
     Unavailable,
+    #[error("json_data is neither a JSON object nor base64 of a gzipped one")]
+    BadConfig,
     #[error("{0}")]
     Internal(String),
 }
 
 pub type TransportReply = Result<SessionReady, TransportError>;
 
-/// A `json_transport` the HTTP layer has authenticated and decoded.
+/// A `json_transport` the HTTP layer has authenticated and parsed. Its configuration stays as
+/// the client sent it until the agent knows the caller owns the box: inflating it is the costly
+/// part, and a stranger's request must never get that far.
 #[derive(Debug)]
 pub struct TransportRequest {
     pub id: MandelboxId,
     /// The token's subject; `None` when this host runs without authentication (local mode).
     pub caller: Option<String>,
-    /// The decoded client configuration, written to `config.json`.
-    pub config: Vec<u8>,
+    /// The client's `json_data`, not yet decoded (a JSON object, or base64 of a gzipped one).
+    pub json_data: String,
     pub received: Instant,
     reply: oneshot::Sender<TransportReply>,
 }
@@ -55,13 +59,13 @@ impl TransportRequest {
     pub fn new(
         id: MandelboxId,
         caller: Option<String>,
-        config: Vec<u8>,
+        json_data: String,
     ) -> (Self, oneshot::Receiver<TransportReply>) {
         let (reply, receiver) = oneshot::channel();
         let request = Self {
             id,
             caller,
-            config,
+            json_data,
             received: Instant::now(),
             reply,
         };

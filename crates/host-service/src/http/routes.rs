@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +20,6 @@ use whist_types::MandelboxId;
 
 use crate::agent::AgentHandle;
 use crate::agent::transport::{TransportError, TransportRequest};
-use crate::mandelbox::files::{UndecodableClientConfig, decode_client_config};
 use crate::metrics::Metrics;
 use whist_auth::{AuthError, JwtVerifier, bearer_token};
 
@@ -102,7 +102,7 @@ async fn json_transport(
     State(state): State<AppState>,
     method: Method,
     headers: HeaderMap,
-    body: Result<Json<TransportBody>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = match method {
         Method::OPTIONS => return cors(StatusCode::NO_CONTENT.into_response()),
@@ -120,7 +120,7 @@ async fn json_transport(
 async fn handle_transport(
     state: &AppState,
     headers: &HeaderMap,
-    body: Result<Json<TransportBody>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<crate::agent::transport::SessionReady, ApiError> {
     let caller = match &state.verifier {
         Some(verifier) => {
@@ -129,27 +129,47 @@ async fn handle_transport(
         }
         None => None,
     };
-    let Json(body) = body.map_err(|rejection| {
+    let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge
         } else {
             ApiError::Body(rejection.body_text())
         }
     })?;
+    let body = parse_body(bytes).await?;
     let id: MandelboxId = body.mandelbox_id.trim().parse().map_err(|_| {
         ApiError::Body(format!(
             "mandelbox_id {:?} is not a UUID",
             body.mandelbox_id
         ))
     })?;
-    let config = decode_client_config(&body.json_data)?;
-    let (request, reply) = TransportRequest::new(id, caller, config);
+    // Decoded by the agent once the caller is known to own the box (the costly part).
+    let (request, reply) = TransportRequest::new(id, caller, body.json_data);
     state.agent.transport(request).await;
     // The agent answers every request it takes; a dropped reply means it stopped meanwhile.
     reply
         .await
         .unwrap_or(Err(TransportError::Draining))
         .map_err(ApiError::Transport)
+}
+
+/// Bodies past this are parsed on a blocking thread: a caller's megabytes of JSON must not hold
+/// an async worker that every other request on the host needs.
+const PARSE_INLINE_BYTES: usize = 64 * 1024;
+
+/// Parses the body (only after the caller's token was checked).
+async fn parse_body(bytes: Bytes) -> Result<TransportBody, ApiError> {
+    let small = bytes.len() <= PARSE_INLINE_BYTES;
+    let parse = move || {
+        serde_json::from_slice::<TransportBody>(&bytes)
+            .map_err(|error| ApiError::Body(error.to_string()))
+    };
+    if small {
+        return parse();
+    }
+    tokio::task::spawn_blocking(parse)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::Body("the body could not be parsed".to_owned())))
 }
 
 /// Every way a request can fail, each with its status.
@@ -165,8 +185,6 @@ enum ApiError {
     )]
     TooLarge,
     #[error(transparent)]
-    Config(#[from] UndecodableClientConfig),
-    #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
     Transport(TransportError),
@@ -176,7 +194,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             Self::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Body(_) | Self::Config(_) => StatusCode::BAD_REQUEST,
+            Self::Body(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Auth(AuthError::JwksUnavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
@@ -189,6 +207,7 @@ impl ApiError {
                 TransportError::Draining | TransportError::Unavailable => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
+                TransportError::BadConfig => StatusCode::BAD_REQUEST,
                 TransportError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
