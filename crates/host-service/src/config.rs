@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use url::Url;
 use whist_auth::JwtConfig;
-use whist_service_config::{AuthRuleError, SharedArgs};
+use whist_service_config::{AuthRuleError, LimitArgs, SharedArgs, ZeroLimit};
 use whist_types::Environment;
 
 /// The commit this binary was built from; registration requires the instance row's `client_sha`
@@ -150,6 +150,10 @@ pub struct Args {
     #[arg(long, env = "WHIST_OPS_LISTEN", default_value = "0.0.0.0:4679")]
     pub ops_listen: SocketAddr,
 
+    /// What each listener allows (connections, timeouts, requests in flight).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+
     /// Seconds to wait at start-up for this host's instance row, which the scaling-service
     /// writes right after launching the machine.
     #[arg(long, env = "WHIST_REGISTRATION_WAIT", default_value_t = 60)]
@@ -206,6 +210,7 @@ pub struct Config {
     pub gpu: bool,
     pub listen: SocketAddr,
     pub ops_listen: SocketAddr,
+    pub limits: whist_serve::Limits,
     /// `None` only in the local environment on loopback: tokens are then not checked.
     pub auth: Option<JwtConfig>,
     pub timeouts: Timeouts,
@@ -255,6 +260,8 @@ pub struct Timeouts {
 pub enum ConfigError {
     #[error(transparent)]
     Auth(#[from] AuthRuleError),
+    #[error(transparent)]
+    Limit(#[from] ZeroLimit),
     #[error("--instance-id is required in local mode")]
     MissingInstanceId,
     #[error("--mandelbox-app must not be empty")]
@@ -324,6 +331,7 @@ impl Args {
             gpu: self.gpu,
             listen: self.listen,
             ops_listen: self.ops_listen,
+            limits: self.limits.limits()?,
             auth,
             timeouts: Timeouts {
                 registration_wait: Duration::from_secs(self.registration_wait),

@@ -269,12 +269,14 @@ pub async fn start(
         transport_listener,
         tls.server_config.clone(),
         transport_router(state.clone()),
+        config.limits,
         servers_stop.clone(),
         Duration::from_secs(5),
     ));
     let ops_server = tokio::spawn(serve_plain(
         ops_listener,
         ops_router(state),
+        config.limits,
         servers_stop.clone(),
     ));
     let heartbeat_stop = CancellationToken::new();
@@ -344,11 +346,15 @@ fn subject_alt_names(identity: &HostIdentity) -> Vec<String> {
     names
 }
 
-async fn serve_plain(listener: TcpListener, router: axum::Router, stop: CancellationToken) {
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-    if let Err(error) = served {
+async fn serve_plain(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: whist_serve::Limits,
+    stop: CancellationToken,
+) {
+    let router = whist_serve::bounded(router, &limits);
+    let served = whist_serve::serve(listener, router, None, limits, stop, Duration::from_secs(1));
+    if let Err(error) = served.await {
         tracing::error!(%error, "operations endpoint failed");
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use whist_auth::JwtConfig;
-use whist_service_config::{AuthRuleError, SharedArgs};
+use whist_service_config::{AuthRuleError, LimitArgs, SharedArgs, ZeroLimit};
 use whist_types::Environment;
 
 /// The fleet controller and assign API.
@@ -24,6 +24,10 @@ pub struct Args {
     /// Overrides the port of `--listen` (Heroku's router tells the process its port this way).
     #[arg(long, env = "PORT")]
     pub port: Option<u16>,
+
+    /// What the API's listener allows (connections, timeouts, requests in flight).
+    #[command(flatten)]
+    pub limits: LimitArgs,
 
     /// Assign requests one user may make per second (sustained).
     #[arg(long, env = "WHIST_ASSIGN_RATE", default_value_t = 1.0)]
@@ -124,6 +128,7 @@ pub struct Args {
 pub struct Config {
     pub environment: Environment,
     pub listen: SocketAddr,
+    pub limits: whist_serve::Limits,
     pub hasura: whist_dbclient::HasuraConfig,
     pub auth: Option<JwtConfig>,
     pub assign_rate_per_user: f64,
@@ -151,6 +156,8 @@ pub struct Config {
 pub enum ConfigError {
     #[error(transparent)]
     Auth(#[from] AuthRuleError),
+    #[error(transparent)]
+    Limit(#[from] ZeroLimit),
     #[error("--{0} must be positive")]
     NotPositive(&'static str),
     #[error("--{0} must be a share between 0 and 1")]
@@ -241,6 +248,7 @@ impl Args {
         Ok(Config {
             environment: self.shared.environment,
             listen,
+            limits: self.limits.limits()?,
             hasura: self.shared.hasura(),
             auth,
             assign_rate_per_user: self.assign_rate_per_user,

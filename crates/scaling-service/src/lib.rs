@@ -154,12 +154,12 @@ pub async fn start(
         proxy: Arc::new(pinned::PinnedClients::new(config.proxy_timeout)),
         leader: leader.clone(),
     };
-    let router = http::router(state);
+    let router = whist_serve::bounded(http::router(state), &config.limits);
     let stop = shutdown.clone();
+    let limits = config.limits;
     let finished = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        // In-flight requests get the longest a request may take to finish.
+        let served = whist_serve::serve(listener, router, None, limits, stop, limits.request).await;
         if let Err(error) = served {
             tracing::error!(%error, "API server failed");
         }

@@ -47,6 +47,7 @@ impl StandInHost {
             listener,
             tls.server_config,
             app,
+            whist_serve::Limits::default(),
             stop.clone(),
             Duration::from_secs(1),
         ));

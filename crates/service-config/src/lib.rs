@@ -75,6 +75,71 @@ pub struct SharedArgs {
 /// Default of `--auth-jwks-refresh`: the auth crate's default refresh interval, in seconds.
 pub const DEFAULT_JWKS_REFRESH_SECS: u64 = whist_auth::DEFAULT_REFRESH_INTERVAL.as_secs();
 
+/// What each caller-facing listener allows (see `whist-serve`): both services take the same
+/// options with the same defaults.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Connections open at once on a listener; past it, new ones are closed at once (keep it
+    /// under the process's file-descriptor limit).
+    #[arg(long, env = "WHIST_MAX_CONNECTIONS", default_value_t = whist_serve::Limits::default().max_connections)]
+    pub max_connections: usize,
+
+    /// Connections open at once from one address.
+    #[arg(long, env = "WHIST_MAX_CONNECTIONS_PER_PEER", default_value_t = whist_serve::Limits::default().max_connections_per_peer)]
+    pub max_connections_per_peer: usize,
+
+    /// Requests handled at once; past it the answer is 503 with `Retry-After`.
+    #[arg(long, env = "WHIST_MAX_IN_FLIGHT", default_value_t = whist_serve::Limits::default().max_in_flight)]
+    pub max_in_flight: usize,
+
+    /// Seconds a client has to send a request's headers (and a TLS handshake).
+    #[arg(long, env = "WHIST_HEADER_READ_TIMEOUT", default_value_t = whist_serve::Limits::default().header_read.as_secs())]
+    pub header_read_timeout: u64,
+
+    /// Seconds a client has to send a request's body.
+    #[arg(long, env = "WHIST_BODY_READ_TIMEOUT", default_value_t = whist_serve::Limits::default().body_read.as_secs())]
+    pub body_read_timeout: u64,
+
+    /// Seconds one request may take in all.
+    #[arg(long, env = "WHIST_REQUEST_TIMEOUT", default_value_t = whist_serve::Limits::default().request.as_secs())]
+    pub request_timeout: u64,
+}
+
+/// Why the listener limits cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{0} must be positive")]
+pub struct ZeroLimit(pub &'static str);
+
+impl LimitArgs {
+    pub fn limits(&self) -> Result<whist_serve::Limits, ZeroLimit> {
+        for (name, value) in [
+            ("max-connections", self.max_connections as u64),
+            (
+                "max-connections-per-peer",
+                self.max_connections_per_peer as u64,
+            ),
+            ("max-in-flight", self.max_in_flight as u64),
+            ("header-read-timeout", self.header_read_timeout),
+            ("body-read-timeout", self.body_read_timeout),
+            ("request-timeout", self.request_timeout),
+        ] {
+            if value == 0 {
+                return Err(ZeroLimit(name));
+            }
+        }
+        let seconds = std::time::Duration::from_secs;
+        Ok(whist_serve::Limits {
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            max_in_flight: self.max_in_flight,
+            handshake: seconds(self.header_read_timeout),
+            header_read: seconds(self.header_read_timeout),
+            body_read: seconds(self.body_read_timeout),
+            request: seconds(self.request_timeout),
+        })
+    }
+}
+
 /// How callers are identified.
 #[derive(Debug, Clone)]
 pub enum CallerAuth {

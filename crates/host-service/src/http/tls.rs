@@ -10,19 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{Datelike, Days, Utc};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
 /// The certificate's subject common name.
 pub const COMMON_NAME: &str = "whist host-service";
@@ -30,23 +24,6 @@ pub const COMMON_NAME: &str = "whist host-service";
 /// How long a generated certificate is valid. Hosts are replaced long before a year is up, and
 /// a new certificate is made on every start anyway.
 const VALIDITY_DAYS: u64 = 365;
-
-/// A client has this long to finish the TLS handshake; a peer that connects and says nothing
-/// must not hold a task and a socket forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// An HTTP/1 client has this long to send a request's headers (slowloris defence).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// HTTP/2 connections are pinged this often when idle, and closed when a ping goes unanswered
-/// for [`HTTP2_KEEP_ALIVE_TIMEOUT`], so vanished peers do not keep connections open.
-const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Pause after an `accept` error that is not about one connection (out of file descriptors,
-/// out of memory): retrying at once would spin and flood the log, and those conditions take a
-/// moment to clear. hyper's old accept loop and axum::serve use one second too.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Why a certificate or TLS configuration could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -163,129 +140,18 @@ fn day(date: chrono::NaiveDate) -> u8 {
     u8::try_from(date.day()).unwrap_or(1)
 }
 
-/// Serves `app` over TLS on `listener` (HTTP/1.1 and HTTP/2, by ALPN) until `shutdown` fires.
-///
-/// A failed handshake or connection is logged at debug and the loop carries on; an `accept`
-/// error is logged and retried after a pause. On shutdown the listener is closed, open
-/// connections are told to finish (HTTP/1 after the response in flight, HTTP/2 with GOAWAY),
-/// and they get up to `grace` to do so before being dropped. Returns once that is done.
+/// Serves `app` over TLS on `listener` (HTTP/1.1 and HTTP/2, by ALPN) until `shutdown` fires,
+/// within `limits` (see `whist-serve`), then gives open connections up to `grace` to finish.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: axum::Router,
+    limits: whist_serve::Limits,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let acceptor = TlsAcceptor::from(tls);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT);
-    // Owning the connection tasks lets us wait for them on shutdown and abort the stragglers
-    // when the grace period is over. (hyper-util's `GracefulShutdown` would do the signalling,
-    // but it sits behind the `server-graceful` feature, which the workspace does not enable;
-    // each connection watches the cancellation token itself instead, to the same effect.)
-    let mut connections = JoinSet::new();
-
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving HTTPS");
-    }
-    loop {
-        // Reap finished connections so the set does not grow without bound.
-        while connections.try_join_next().is_some() {}
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) if is_connection_error(&error) => {
-                debug!(%error, "connection failed before accept");
-                continue;
-            }
-            Err(error) => {
-                warn!(%error, "accept failed; retrying shortly");
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
-                }
-            }
-        };
-        let acceptor = acceptor.clone();
-        let builder = builder.clone();
-        let service = TowerToHyperService::new(app.clone());
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-            let tls_stream = tokio::select! {
-                // A connection that has not even said hello is not worth a grace period.
-                () = shutdown.cancelled() => return,
-                handshake = handshake => match handshake {
-                    Ok(Ok(tls_stream)) => tls_stream,
-                    Ok(Err(error)) => {
-                        debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
-            };
-            let connection =
-                builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    // HTTP/1: finish the response in flight, then close; HTTP/2: GOAWAY, then
-                    // close once the open streams are done.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(error) = result {
-                debug!(%peer, %error, "connection ended with an error");
-            }
-        });
-    }
-
-    drop(listener);
-    let open = connections.len();
-    if open > 0 {
-        debug!(open, "asking open connections to finish");
-    }
-    // Every connection task has seen the cancellation too: handshakes are abandoned and
-    // connections are finishing. Wait for them, but not beyond `grace`.
-    let drained = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        info!(
-            remaining = connections.len(),
-            "grace period over; dropping connections still open"
-        );
-    }
-    connections.shutdown().await;
-    Ok(())
-}
-
-/// `accept` errors about one incoming connection (it was reset or aborted before we took it),
-/// after which the next `accept` can go ahead at once.
-fn is_connection_error(error: &std::io::Error) -> bool {
-    matches!(
-        error.kind(),
-        std::io::ErrorKind::ConnectionRefused
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::ConnectionReset
-    )
+    let app = whist_serve::bounded(app, &limits);
+    whist_serve::serve(listener, app, Some(tls), limits, shutdown, grace).await
 }
 
 #[cfg(test)]
@@ -311,6 +177,7 @@ mod tests {
             listener,
             tls.server_config,
             app,
+            whist_serve::Limits::default(),
             shutdown.clone(),
             grace,
         ));

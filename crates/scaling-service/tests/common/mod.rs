@@ -492,3 +492,11 @@ pub async fn cloud_hosts(region: &str) -> Vec<scaling_service::hosts::CloudHost>
         .filter(|h| matches!(h.state, CloudState::Pending | CloudState::Running))
         .collect()
 }
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
