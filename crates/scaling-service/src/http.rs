@@ -2,9 +2,8 @@
 //! caller's mandelbox), `/healthz`, `/readyz`, `/metrics`. Every failure maps to its status in
 //! [`ApiError`]'s `IntoResponse`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -392,44 +391,40 @@ fn cors(mut response: Response) -> Response {
     response
 }
 
-/// A token bucket per user: `burst` requests at once, refilled at `per_second`.
+/// The per-user assign limit: `burst` requests at once, refilled at `per_second` (governor's
+/// keyed GCRA limiter).
 #[derive(Debug)]
 pub struct RateLimiter {
-    per_second: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    limiter: governor::DefaultKeyedRateLimiter<String>,
+    checks: std::sync::atomic::AtomicU64,
 }
+
+/// Every this many checks, users whose allowance is whole again are forgotten, which bounds the
+/// memory a flood of user ids can take.
+const FORGET_EVERY: u64 = 10_000;
 
 impl RateLimiter {
     pub fn new(per_second: f64, burst: u32) -> Self {
+        let period = Duration::try_from_secs_f64(1.0 / per_second).unwrap_or(Duration::MAX);
+        let quota = governor::Quota::with_period(period)
+            .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MIN))
+            .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN));
         Self {
-            per_second,
-            burst: f64::from(burst),
-            buckets: Mutex::new(HashMap::new()),
+            limiter: governor::RateLimiter::keyed(quota),
+            checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// Takes one token from `user`'s bucket; `false` when it is empty.
+    /// Takes one request from `user`'s allowance; `false` when it is spent.
     pub fn allow(&self, user: &str) -> bool {
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        if buckets.len() > 100_000 {
-            // Full buckets carry no information; dropping them bounds memory under a flood of ids.
-            let (per_second, burst) = (self.per_second, self.burst);
-            buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * per_second < burst
-            });
+        let checks = self
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if checks % FORGET_EVERY == FORGET_EVERY - 1 {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
         }
-        let (tokens, at) = buckets.entry(user.to_owned()).or_insert((self.burst, now));
-        *tokens =
-            (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.limiter.check_key(&user.to_owned()).is_ok()
     }
 }
 

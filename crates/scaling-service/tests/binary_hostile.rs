@@ -41,7 +41,7 @@ impl Api {
                 "--max-connections-per-peer",
                 "64",
             ])
-            .args(["--header-read-timeout", "2"])
+            .args(["--header-read-timeout", "2", "--body-read-timeout", "2"])
             .env_remove("APP_ENV")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())
@@ -167,4 +167,53 @@ async fn header_slowloris_is_cut_off_at_the_header_timeout() {
         started.elapsed()
     );
     assert_eq!(closed, 60, "every slow request is cut off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_slowloris_is_cut_off_at_the_body_timeout() {
+    let api = Api::start().await;
+    // 60 requests (within the per-address cap) that promise a body and trickle it.
+    let mut slow = Vec::new();
+    for _ in 0..60 {
+        let mut stream = connect_from([127, 0, 0, 4], api.addr)
+            .await
+            .expect("connect");
+        stream
+            .write_all(
+                b"POST /mandelbox/assign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n{",
+            )
+            .await
+            .expect("write");
+        slow.push(stream);
+    }
+    let started = Instant::now();
+    for _ in 0..4 {
+        for stream in &mut slow {
+            let _ = stream.write_all(b" ").await;
+        }
+        assert!(
+            api.healthz().await,
+            "the legitimate client waited on the slow ones"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut answered = 0;
+    for stream in &mut slow {
+        answered += u32::from(closed_by_server_or_answered(stream, Duration::from_secs(2)).await);
+    }
+    eprintln!(
+        "body slowloris: {answered} of {} cut off within {:?} (body timeout 2 s)",
+        slow.len(),
+        started.elapsed()
+    );
+    assert_eq!(answered, 60, "every slow body is cut off");
+}
+
+/// Whether the server answered (any bytes) or closed the connection within `within`.
+async fn closed_by_server_or_answered(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buffer = [0u8; 256];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buffer)).await,
+        Ok(Ok(_) | Err(_))
+    )
 }

@@ -42,7 +42,19 @@ async fn wait_for_fleet(scaler: &Scaler, region: &Region, boxes: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_requests_for_a_hundred_boxes_give_exactly_a_hundred() {
-    let scaler = Arc::new(scaler(&[]).await);
+    // 500 requests at once from one address: room for all of them (this is about claims, not
+    // about the listener's limits, which `binary_hostile` covers).
+    let scaler = Arc::new(
+        scaler(&[
+            "--max-connections",
+            "1000",
+            "--max-connections-per-peer",
+            "1000",
+            "--max-in-flight",
+            "1000",
+        ])
+        .await,
+    );
     let region = Region::create(&scaler.db, 0, true).await;
     let hosts = region
         .active_hosts(&scaler.db, 10, 10, &region.image_id)
