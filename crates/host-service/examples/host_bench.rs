@@ -4,6 +4,8 @@
 //!   the same Docker client (both sequential), as a ratio;
 //! - from the claim (the ALLOCATED write) to the row turning CONNECTING, and from the box's
 //!   readiness file to the `json_transport` reply;
+//! - the `json_transport` round trip of a legitimate session idle, while 16 strangers keep
+//!   sending decompression bombs, and while 200 connections send their headers a byte a second;
 //! - resident memory of the service binary, idle and with 10 mandelboxes.
 //!
 //! Needs the Docker engine and the reference mandelbox image (built on first use), and the
@@ -68,6 +70,34 @@ async fn main() -> anyhow::Result<()> {
         "  json_transport round trip:     {}",
         summary(&mut transport_total)
     );
+
+    println!("== json_transport of a legitimate session under attack ({ROUNDS} sessions each)");
+    let idle = transport_total.clone();
+    let bombs = Attack::bombs(&host, &issuer, 16);
+    let (_, _, mut under_bombs) = host.sessions(&issuer, ROUNDS).await?;
+    let bombs_sent = bombs.stop().await;
+    let slowloris = Attack::slowloris(&host, 200).await?;
+    let (_, _, mut under_slowloris) = host.sessions(&issuer, ROUNDS).await?;
+    slowloris.stop().await;
+    let ceiling = median(&idle) * 2;
+    println!(
+        "  idle:                         {}",
+        summary(&mut idle.clone())
+    );
+    println!(
+        "  16 bomb senders ({bombs_sent:>4} sent): {}",
+        summary(&mut under_bombs)
+    );
+    println!(
+        "  200 slowloris connections:    {}",
+        summary(&mut under_slowloris)
+    );
+    println!(
+        "  ceiling (2 × idle median):    {:.1} ms; medians {:.1} / {:.1} ms",
+        ceiling.as_secs_f64() * 1e3,
+        median(&under_bombs).as_secs_f64() * 1e3,
+        median(&under_slowloris).as_secs_f64() * 1e3
+    );
     host.stop(&docker).await?;
 
     println!("== resident memory of the release binary");
@@ -84,6 +114,128 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+/// Hostile clients of the host's `json_transport`, bounded in count, stopped by `stop`.
+struct Attack {
+    stop: tokio_util::sync::CancellationToken,
+    tasks: tokio::task::JoinSet<usize>,
+}
+
+impl Attack {
+    /// `senders` strangers with valid tokens sending base64 gzip bombs (80 MiB of zeros) for
+    /// random mandelboxes, back to back.
+    fn bombs(host: &Bench, issuer: &TestIssuer, senders: usize) -> Self {
+        use std::io::Write as _;
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let zeros = vec![0u8; 1024 * 1024];
+        for _ in 0..80 {
+            let _ = gzip.write_all(&zeros);
+        }
+        let bomb = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            gzip.finish().unwrap_or_default(),
+        );
+        let url = format!(
+            "https://127.0.0.1:{}/json_transport",
+            host.running.transport_addr.port()
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..senders {
+            let (http, url, stop) = (host.http.clone(), url.clone(), stop.clone());
+            let token = issuer.token(&format!("bomber-{n}"));
+            let body = serde_json::json!({
+                "mandelbox_id": MandelboxId::new_random().to_string(),
+                "json_data": bomb,
+            })
+            .to_string();
+            tasks.spawn(async move {
+                let mut sent = 0;
+                // At most 10,000 each: bounded even if `stop` never came.
+                while !stop.is_cancelled() && sent < 10_000 {
+                    let request = http.put(&url).bearer_auth(&token).body(body.clone());
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        _ = request.send() => sent += 1,
+                    }
+                }
+                sent
+            });
+        }
+        Self { stop, tasks }
+    }
+
+    /// `connections` TLS connections that start a request and send its headers a byte a
+    /// second (those past the host's per-address cap are closed by the host at once).
+    async fn slowloris(host: &Bench, connections: usize) -> anyhow::Result<Self> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from(
+            host.running.certificate_der.clone(),
+        ))?;
+        let config = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let addr = host.running.transport_addr;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..connections {
+            let (config, stop) = (config.clone(), stop.clone());
+            tasks.spawn(async move {
+                let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+                    return 0;
+                };
+                let Ok(name) = rustls::pki_types::ServerName::try_from("127.0.0.1") else {
+                    return 0;
+                };
+                let Ok(mut tls) = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                else {
+                    return 0;
+                };
+                let _ = tls
+                    .write_all(b"PUT /json_transport HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .await;
+                // One byte a second, for at most two minutes.
+                for _ in 0..120 {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    if tls.write_all(b"a").await.is_err() {
+                        break;
+                    }
+                }
+                1
+            });
+        }
+        // Let the connections open before measuring.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(Self { stop, tasks })
+    }
+
+    /// Ends the attack; how many requests (or connections) it made.
+    async fn stop(mut self) -> usize {
+        self.stop.cancel();
+        let mut total = 0;
+        while let Some(done) = self.tasks.join_next().await {
+            total += done.unwrap_or(0);
+        }
+        total
+    }
 }
 
 /// The same container spec the service builds, created and started straight through bollard.
@@ -474,6 +626,8 @@ fn args(
 ) -> Vec<String> {
     [
         "host-service",
+        "--environment",
+        "local",
         "--local",
         "--instance-id",
         instance_id,
