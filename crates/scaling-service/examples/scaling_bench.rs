@@ -175,6 +175,13 @@ async fn start(
         issuer.audience(),
         "--reconcile-grace",
         "3600",
+        // The assign path is measured here, not the listener's limits: room for every client.
+        "--max-connections",
+        "1000",
+        "--max-connections-per-peer",
+        "1000",
+        "--max-in-flight",
+        "1000",
     ]
     .iter()
     .map(|a| a.to_string())
@@ -221,7 +228,7 @@ async fn fleet(
             instance_type: "g4dn.12xlarge".into(),
             remaining_capacity: boxes as i32,
             status: InstanceStatus::PreConnection,
-            fleet: Some("whist-local".into()),
+            fleet: Some("whist-dev".into()),
         })
         .collect();
     db.execute(&ops::insert_instances(&instances)).await?;
@@ -264,7 +271,7 @@ async fn fleet_with_target(
         instance_type: "g4dn.2xlarge".into(),
         remaining_capacity: target,
         status: InstanceStatus::PreConnection,
-        fleet: Some("whist-local".into()),
+        fleet: Some("whist-dev".into()),
     }]))
     .await?;
     db.execute(&ops::register_instance(

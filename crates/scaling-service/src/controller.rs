@@ -47,7 +47,8 @@ const DEFAULT_SETTINGS: FleetSettings = FleetSettings {
 /// What a finished task of the controller reports.
 enum Report {
     Region(String, Outcome),
-    Reconciled(Vec<(String, Reconciled)>),
+    /// The regions reconciled, and how many were attempted.
+    Reconciled(Vec<(String, Reconciled)>, usize),
 }
 
 /// What a running task is doing, so that a panicked one frees only what it held.
@@ -130,10 +131,13 @@ impl Controller {
                 }
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     match joined {
-                        Ok((id, Report::Reconciled(results))) => {
+                        Ok((id, Report::Reconciled(results, attempted))) => {
                             work.remove(&id);
                             reconciling = false;
-                            reconcile_retry_at = tokio::time::Instant::now() + RECONCILE_RETRY;
+                            // A region that could not be reconciled is tried again after a pause.
+                            if results.len() < attempted {
+                                reconcile_retry_at = tokio::time::Instant::now() + RECONCILE_RETRY;
+                            }
                             let (now, own) = (term.db_now(), self.fleet_tag());
                             for (region, result) in results {
                                 let memory = regions.entry(region.clone()).or_default();
@@ -175,18 +179,23 @@ impl Controller {
             if !fleet.complete {
                 continue;
             }
-            let unreconciled = self
+            // At a resync every region; otherwise only those this term has not reconciled yet
+            // (a region configured meanwhile), so a new region is decided for without waiting
+            // for all the others.
+            let unreconciled: Vec<String> = self
                 .regions(&fleet)
-                .iter()
-                .any(|region| regions.get(region).is_none_or(|memory| !memory.reconciled));
+                .into_iter()
+                .filter(|region| regions.get(region).is_none_or(|memory| !memory.reconciled))
+                .collect();
             if !reconciling
                 && self.fleet.live()
-                && (reconcile_due || unreconciled)
+                && (reconcile_due || !unreconciled.is_empty())
                 && tokio::time::Instant::now() >= reconcile_retry_at
             {
                 reconciling = true;
+                let only = (!reconcile_due).then_some(unreconciled);
                 reconcile_due = false;
-                let handle = tasks.spawn(self.reconcile_all(&term, &fleet, &regions));
+                let handle = tasks.spawn(self.reconcile_all(&term, &fleet, &regions, only));
                 work.insert(handle.id(), Work::Reconcile);
             }
             // A frozen view (live queries down) would make every decision on stale rows.
@@ -323,12 +332,14 @@ impl Controller {
             .region_paused(region, "mass_heartbeat_loss", now_silent);
     }
 
-    /// Reconciles every region this controller decides for, one after the other.
+    /// Reconciles the regions this controller decides for (`only` these, when given), one
+    /// after the other.
     fn reconcile_all(
         &self,
         term: &Term,
         fleet: &Fleet,
         regions: &HashMap<String, RegionMemory>,
+        only: Option<Vec<String>>,
     ) -> impl Future<Output = Report> + Send + 'static {
         let executor = self.executor.clone();
         let term = term.clone();
@@ -337,6 +348,7 @@ impl Controller {
         let jobs: Vec<(String, HashMap<String, DateTime<Utc>>)> = self
             .regions(&fleet)
             .into_iter()
+            .filter(|region| only.as_ref().is_none_or(|only| only.contains(region)))
             .filter(|region| !regions.get(region).is_some_and(|memory| memory.foreign))
             .map(|region| {
                 let gone = regions
@@ -346,6 +358,7 @@ impl Controller {
                 (region, gone)
             })
             .collect();
+        let attempted = jobs.len();
         async move {
             let mut results = Vec::new();
             for (region, gone_since) in jobs {
@@ -367,7 +380,7 @@ impl Controller {
                     }
                 }
             }
-            Report::Reconciled(results)
+            Report::Reconciled(results, attempted)
         }
     }
 
