@@ -20,7 +20,9 @@ use crate::algorithm::{
     Action, HostView, ImageRef, RegionSnapshot, ScalingAlgorithm, ScalingSettings, UpgradeState,
     UpgradeView,
 };
-use crate::executor::{Executor, Outcome, Reconciled, fleet_name, hold_back_mass_silence};
+use crate::executor::{
+    Executor, Outcome, Reconciled, fleet_name, hold_back_mass_silence, without_reaps,
+};
 use crate::fleet::{Fleet, FleetView};
 use crate::leader::Term;
 use crate::metrics::Metrics;
@@ -96,6 +98,8 @@ struct RegionMemory {
     reconciled: bool,
     /// Reaping is held back: most hosts fell silent at once.
     mass_silence: bool,
+    /// Until when reaping stays held back after a mass silence was last seen.
+    silence_hold_until: Option<DateTime<Utc>>,
 }
 
 impl Controller {
@@ -243,8 +247,18 @@ impl Controller {
                 self.record_metrics(&snapshot);
                 let decided = self.algorithm.decide(&snapshot, now);
                 let threshold = self.executor.safety.heartbeat_loss_threshold;
-                let (actions, silent) = hold_back_mass_silence(decided, &snapshot, threshold);
-                self.note_mass_silence(&region, silent, memory);
+                let (mut actions, silent) = hold_back_mass_silence(decided, &snapshot, threshold);
+                // Hosts come back one by one: the last of a mass silence must not be reaped the
+                // moment the others beat again, so reaping stays held back for a heartbeat
+                // timeout after the silence was last seen massive.
+                if silent > 0 {
+                    memory.silence_hold_until = Some(now + snapshot.settings.heartbeat_timeout);
+                }
+                let holding = memory.silence_hold_until.is_some_and(|until| now < until);
+                if holding {
+                    actions = without_reaps(actions);
+                }
+                self.note_mass_silence(&region, holding, silent, memory);
                 if actions.is_empty() {
                     continue;
                 }
@@ -313,11 +327,16 @@ impl Controller {
     }
 
     /// Says (once per change) whether reaping is held back in `region` because most of its
-    /// hosts fell silent at once; the metric follows every decision.
-    fn note_mass_silence(&self, region: &str, silent: usize, memory: &mut RegionMemory) {
-        let now_silent = silent > 0;
-        if now_silent != memory.mass_silence {
-            if now_silent {
+    /// hosts fell silent at once (`silent` of them now); the metric follows every decision.
+    fn note_mass_silence(
+        &self,
+        region: &str,
+        holding: bool,
+        silent: usize,
+        memory: &mut RegionMemory,
+    ) {
+        if holding != memory.mass_silence {
+            if holding {
                 tracing::error!(
                     region,
                     silent,
@@ -326,10 +345,10 @@ impl Controller {
             } else {
                 tracing::info!(region, "hosts beat again: reaping resumes");
             }
-            memory.mass_silence = now_silent;
+            memory.mass_silence = holding;
         }
         self.metrics
-            .region_paused(region, "mass_heartbeat_loss", now_silent);
+            .region_paused(region, "mass_heartbeat_loss", holding);
     }
 
     /// Reconciles the regions this controller decides for (`only` these, when given), one

@@ -749,15 +749,6 @@ pub fn hold_back_mass_silence(
     snapshot: &RegionSnapshot,
     threshold: f64,
 ) -> (Vec<Action>, usize) {
-    let is_reap = |action: &Action| {
-        matches!(
-            action,
-            Action::Terminate {
-                reason: TerminateReason::HeartbeatLost,
-                ..
-            }
-        )
-    };
     let silent = actions.iter().filter(|action| is_reap(action)).count();
     let beating = snapshot
         .hosts
@@ -765,16 +756,28 @@ pub fn hold_back_mass_silence(
         .filter(|host| host.owned && host.status != InstanceStatus::PreConnection)
         .count();
     if silent >= 2 && silent as f64 > threshold * beating as f64 {
-        (
-            actions
-                .into_iter()
-                .filter(|action| !is_reap(action))
-                .collect(),
-            silent,
-        )
+        (without_reaps(actions), silent)
     } else {
         (actions, 0)
     }
+}
+
+/// `actions` without the reaping of silent hosts.
+pub fn without_reaps(actions: Vec<Action>) -> Vec<Action> {
+    actions
+        .into_iter()
+        .filter(|action| !is_reap(action))
+        .collect()
+}
+
+fn is_reap(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::Terminate {
+            reason: TerminateReason::HeartbeatLost,
+            ..
+        }
+    )
 }
 
 fn upgrade_for<'a>(fleet: &'a Fleet, region: &str, image: &ImageRef) -> Option<&'a ImageUpgrade> {
