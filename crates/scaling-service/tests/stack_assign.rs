@@ -478,20 +478,29 @@ async fn an_abbreviated_image_commit_assigns_and_one_matching_no_host_is_a_clear
         ))
         .await
         .expect("image row");
-    let refused = common::eventually(
-        "the refusal for the misconfigured image row",
+    common::eventually(
+        "the misconfigured image row in the fleet view",
         std::time::Duration::from_secs(20),
-        || async {
-            let (status, body) = scaler
-                .assign_as(
-                    &unique("user"),
-                    assign_body(&[&region.name], "0000000-no-host-runs-this"),
-                )
-                .await;
-            (status == 503 && body["error"] != "NO_INSTANCE_AVAILABLE").then_some(body)
+        || {
+            let fleet = scaler.running.as_ref().expect("running").fleet.current();
+            let name = region.name.clone();
+            async move {
+                fleet
+                    .images
+                    .get(&name)
+                    .is_some_and(|image| image.client_sha == "0000000-no-host-runs-this")
+                    .then_some(())
+            }
         },
     )
     .await;
+    let (status, refused) = scaler
+        .assign_as(
+            &unique("user"),
+            assign_body(&[&region.name], "0000000-no-host-runs-this"),
+        )
+        .await;
+    assert_eq!(status, 503, "{refused}");
     assert_eq!(refused["error"], "SERVICE_UNAVAILABLE", "{refused}");
 }
 
