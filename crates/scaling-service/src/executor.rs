@@ -367,10 +367,7 @@ impl Executor {
             )
             .await?;
         }
-        Ok(launched
-            .iter()
-            .map(|host| pending_instance(host, &image.client_sha, &self.fleet_tag()))
-            .collect())
+        Ok(rows.iter().map(pending_instance).collect())
     }
 
     /// Inserts instance rows one by one, so one already present (an idempotent relaunch, a
@@ -584,13 +581,7 @@ impl Executor {
                 "recording hosts launched but never recorded"
             );
             self.insert_rows(term, &unrecorded).await;
-            report.recorded = young
-                .iter()
-                .map(|host| {
-                    let client_sha = host.tags.get(tags::CLIENT_SHA).cloned().unwrap_or_default();
-                    pending_instance(host, &client_sha, &fleet_tag)
-                })
-                .collect();
+            report.recorded = unrecorded.iter().map(pending_instance).collect();
         }
 
         // Is the listing to be believed? Rows of this fleet that it lacks entirely (a
@@ -788,21 +779,21 @@ fn upgrade_for<'a>(fleet: &'a Fleet, region: &str, image: &ImageRef) -> Option<&
 }
 
 /// The row the database will show for a launch, until the live query shows the real one.
-fn pending_instance(host: &CloudHost, client_sha: &str, fleet: &str) -> Instance {
+fn pending_instance(row: &NewInstance) -> Instance {
     let now = Utc::now();
     Instance {
-        id: host.id.clone(),
-        provider: PROVIDER_AWS.to_owned(),
-        region: host.region.clone(),
-        image_id: host.image_id.clone(),
-        client_sha: client_sha.to_owned(),
+        id: row.id.clone(),
+        provider: row.provider.clone(),
+        region: row.region.clone(),
+        image_id: row.image_id.clone(),
+        client_sha: row.client_sha.clone(),
         ip_addr: None,
-        instance_type: host.instance_type.clone(),
-        remaining_capacity: capacity_of(&host.instance_type) as i32,
-        status: InstanceStatus::PreConnection,
+        instance_type: row.instance_type.clone(),
+        remaining_capacity: row.remaining_capacity,
+        status: row.status,
         created_at: now,
         updated_at: now,
-        fleet: Some(fleet.to_owned()),
+        fleet: row.fleet.clone(),
         heartbeat_at: now,
         tls_fingerprint: None,
     }

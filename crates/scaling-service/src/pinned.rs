@@ -1,6 +1,6 @@
 //! TLS to hosts by pinned certificate. A host makes its certificate itself at every start, so
 //! no authority can vouch for it; instead the host publishes the certificate's SHA-256 on its
-//! instance row, and the `json_transport` proxy completes a handshake only with a server that
+//! instance row (`host_service::http::tls::fingerprint`), and the `json_transport` proxy completes a handshake only with a server that
 //! presents exactly that certificate. The caller's token and the session's key never reach
 //! anything else, whatever answers at the host's address.
 
@@ -46,15 +46,6 @@ impl PinnedClients {
         clients.insert(fingerprint.to_owned(), client.clone());
         Some(client)
     }
-}
-
-/// The SHA-256 of a certificate (DER), lower-case hex.
-pub fn fingerprint(certificate_der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, certificate_der)
-        .as_ref()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
 }
 
 fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
@@ -158,7 +149,9 @@ mod tests {
 
     #[test]
     fn fingerprints_are_64_hex_digits() {
-        let fingerprint = fingerprint(b"certificate");
+        // What a host publishes (`host_service::http::tls::fingerprint`): SHA-256, lower hex.
+        let digest = ring::digest::digest(&ring::digest::SHA256, b"certificate");
+        let fingerprint: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(fingerprint.len(), 64);
         assert!(parse_fingerprint(&fingerprint).is_some());
         for bad in ["", "abc", &"g".repeat(64), &"a".repeat(63), &"a".repeat(66)] {
