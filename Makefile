@@ -27,8 +27,11 @@ stack: engine postgres
 
 ## test: format and lint checks, then every test tier against one shared local stack
 test: engine postgres moto check nextest
-	@# One workspace build, so the stack binary shares the tests' features and nothing rebuilds.
+	@# One workspace build, so the stack binary shares the tests' features and nothing rebuilds;
+	@# then the binaries alone as `make run` builds them (dev-dependencies unify other features
+	@# into a test build), so the test that runs `make run` finds them built.
 	$(CARGO) build --workspace --all-targets --quiet
+	$(CARGO) build --workspace --bins --quiet
 	@# The scaling-service image the image test runs (a static binary: its own build, done here
 	@# rather than inside a test's time limit; quick when nothing changed).
 	WHIST_IMAGE_PROFILE=dev bash scripts/build-scaling-image.sh $(TEST_IMAGE) >/dev/null

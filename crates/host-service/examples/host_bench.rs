@@ -75,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let idle = transport_total.clone();
     let bombs = Attack::bombs(&host, &issuer, 16);
     let (_, _, mut under_bombs) = host.sessions(&issuer, ROUNDS).await?;
+    let unread = bombs.unread.load(std::sync::atomic::Ordering::Relaxed);
     let bombs_sent = bombs.stop().await;
     let slowloris = Attack::slowloris(&host, 200).await?;
     let (_, _, mut under_slowloris) = host.sessions(&issuer, ROUNDS).await?;
@@ -87,6 +88,9 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "  16 bomb senders ({bombs_sent:>4} sent): {}",
         summary(&mut under_bombs)
+    );
+    println!(
+        "    ({unread} of the bombs answered 429 unread: each sender's allowance is 5 at once, 1/s)"
     );
     println!(
         "  200 slowloris connections:    {}",
@@ -126,6 +130,8 @@ fn median(samples: &[Duration]) -> Duration {
 struct Attack {
     stop: tokio_util::sync::CancellationToken,
     tasks: tokio::task::JoinSet<usize>,
+    /// Requests the host refused at the caller's allowance, before reading their bodies.
+    unread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Attack {
@@ -148,8 +154,10 @@ impl Attack {
         );
         let stop = tokio_util::sync::CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let unread = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for n in 0..senders {
             let (http, url, stop) = (host.http.clone(), url.clone(), stop.clone());
+            let unread = unread.clone();
             let token = issuer.token(&format!("bomber-{n}"));
             let body = serde_json::json!({
                 "mandelbox_id": MandelboxId::new_random().to_string(),
@@ -163,13 +171,22 @@ impl Attack {
                     let request = http.put(&url).bearer_auth(&token).body(body.clone());
                     tokio::select! {
                         () = stop.cancelled() => break,
-                        _ = request.send() => sent += 1,
+                        response = request.send() => {
+                            sent += 1;
+                            if response.is_ok_and(|r| r.status() == 429) {
+                                unread.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
                     }
                 }
                 sent
             });
         }
-        Self { stop, tasks }
+        Self {
+            stop,
+            tasks,
+            unread,
+        }
     }
 
     /// `connections` TLS connections that start a request and send its headers a byte a
@@ -224,7 +241,11 @@ impl Attack {
         }
         // Let the connections open before measuring.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        Ok(Self { stop, tasks })
+        Ok(Self {
+            stop,
+            tasks,
+            unread: Default::default(),
+        })
     }
 
     /// Ends the attack; how many requests (or connections) it made.

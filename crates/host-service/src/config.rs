@@ -154,6 +154,16 @@ pub struct Args {
     #[command(flatten)]
     pub limits: LimitArgs,
 
+    /// `json_transport` requests one caller (a token's subject) may make per second,
+    /// sustained. Past its allowance a caller gets 429 before its body is read.
+    #[arg(long, env = "WHIST_TRANSPORT_RATE", default_value_t = 1.0)]
+    pub transport_rate_per_user: f64,
+
+    /// `json_transport` requests one caller may make at once (a client's retries fit well
+    /// inside it).
+    #[arg(long, env = "WHIST_TRANSPORT_BURST", default_value_t = 5)]
+    pub transport_burst_per_user: u32,
+
     /// Seconds to wait at start-up for this host's instance row, which the scaling-service
     /// writes right after launching the machine.
     #[arg(long, env = "WHIST_REGISTRATION_WAIT", default_value_t = 60)]
@@ -211,6 +221,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub ops_listen: SocketAddr,
     pub limits: whist_serve::Limits,
+    /// Each caller's `json_transport` allowance: sustained per second, and at once.
+    pub transport_allowance: (f64, u32),
     /// `None` only in the local environment on loopback: tokens are then not checked.
     pub auth: Option<JwtConfig>,
     pub timeouts: Timeouts,
@@ -268,6 +280,8 @@ pub enum ConfigError {
     EmptyApp,
     #[error("--{0} must be at least one second")]
     ZeroDuration(&'static str),
+    #[error("--transport-rate-per-user and --transport-burst-per-user must be positive")]
+    NoTransportAllowance,
 }
 
 impl Args {
@@ -284,6 +298,10 @@ impl Args {
             if seconds == 0 {
                 return Err(ConfigError::ZeroDuration(name));
             }
+        }
+        let rate = self.transport_rate_per_user;
+        if rate.is_nan() || rate <= 0.0 || self.transport_burst_per_user == 0 {
+            return Err(ConfigError::NoTransportAllowance);
         }
         let identity = if self.local {
             let instance_id = self.instance_id.ok_or(ConfigError::MissingInstanceId)?;
@@ -332,6 +350,7 @@ impl Args {
             listen: self.listen,
             ops_listen: self.ops_listen,
             limits: self.limits.limits()?,
+            transport_allowance: (self.transport_rate_per_user, self.transport_burst_per_user),
             auth,
             timeouts: Timeouts {
                 registration_wait: Duration::from_secs(self.registration_wait),
@@ -386,6 +405,24 @@ mod tests {
         assert_eq!(identity.region, "eu-west-1");
         assert!(config.auth.is_none());
         assert!(config.power_off_command.is_none());
+    }
+
+    #[test]
+    fn a_transport_allowance_of_nothing_is_refused() {
+        let id = ["--local", "--instance-id", "i"];
+        for bad in [
+            ["--transport-rate-per-user", "0"],
+            ["--transport-rate-per-user", "NaN"],
+            ["--transport-burst-per-user", "0"],
+        ] {
+            let error = local(&[&id[..], &bad[..]].concat()).expect_err("no allowance");
+            assert!(
+                error.contains("--transport-rate-per-user"),
+                "{bad:?}: {error}"
+            );
+        }
+        let config = local(&id).expect("defaults");
+        assert_eq!(config.transport_allowance, (1.0, 5));
     }
 
     #[test]

@@ -264,6 +264,10 @@ pub async fn start(
         agent: agent.clone(),
         verifier: verifier.clone(),
         metrics,
+        allowance: Arc::new(whist_serve::PerCallerLimit::new(
+            config.transport_allowance.0,
+            config.transport_allowance.1,
+        )),
     };
     let transport_server = tokio::spawn(http::tls::serve_tls(
         transport_listener,

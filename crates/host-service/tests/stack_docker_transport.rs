@@ -11,7 +11,10 @@ use whist_types::{MandelboxId, MandelboxStatus};
 async fn bad_requests_get_clear_answers_and_leave_sessions_alone() {
     let mut host = Host::start(HostOptions {
         capacity: 3,
-        extra_args: vec!["--drain-deadline".into(), "1".into()],
+        // Room in the owner's allowance for every bad request below.
+        extra_args: ["--drain-deadline", "1", "--transport-burst-per-user", "50"]
+            .map(String::from)
+            .to_vec(),
         ..HostOptions::default()
     })
     .await;

@@ -3,11 +3,12 @@
 //! [`ApiError`]'s `IntoResponse`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -16,6 +17,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use whist_auth::{AuthError, JwtVerifier, bearer_token};
 use whist_dbclient::{HasuraClient, ops};
+use whist_serve::PerCallerLimit;
 use whist_types::MandelboxId;
 
 use crate::assign::{AssignError, AssignRequest, Assigner};
@@ -34,14 +36,15 @@ pub struct AppState {
     /// `None` only in local development: callers name themselves in the body.
     pub verifier: Option<JwtVerifier>,
     pub metrics: Arc<Metrics>,
-    pub limiter: Arc<RateLimiter>,
+    /// Each caller's assign allowance.
+    pub limiter: Arc<PerCallerLimit>,
     /// HTTPS to hosts, each pinned to the certificate its row publishes.
     pub proxy: Arc<PinnedClients>,
     pub leader: watch::Receiver<bool>,
 }
 
 pub fn router(state: AppState) -> axum::Router {
-    axum::Router::new()
+    let routes = axum::Router::new()
         .route("/mandelbox/assign", any(assign))
         .route("/json_transport", any(json_transport))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -51,7 +54,8 @@ pub fn router(state: AppState) -> axum::Router {
         .layer(DefaultBodyLimit::max(
             whist_service_config::MAX_REQUEST_BODY_BYTES,
         ))
-        .with_state(state)
+        .with_state(state);
+    whist_serve::cors(routes, &[Method::POST, Method::PUT, Method::OPTIONS])
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -80,16 +84,30 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn assign(
-    State(state): State<AppState>,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// Splits a request into what is read at once (method, headers) and its body, which is read
+/// only once the caller is known: a stranger's megabytes cost this service nothing.
+fn split(request: Request) -> (Method, HeaderMap, Request) {
+    (request.method().clone(), request.headers().clone(), request)
+}
+
+/// The body (within [`DefaultBodyLimit`]: 413 past it).
+async fn read_body(request: Request) -> Result<Bytes, ApiError> {
+    Bytes::from_request(request, &())
+        .await
+        .map_err(|rejection: BytesRejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge
+            } else {
+                ApiError::Body(rejection.body_text())
+            }
+        })
+}
+
+async fn assign(State(state): State<AppState>, request: Request) -> Response {
     let started = Instant::now();
+    let (method, headers, request) = split(request);
     let result = match method {
-        Method::OPTIONS => return cors(StatusCode::NO_CONTENT.into_response()),
-        Method::POST => handle_assign(&state, &headers, &body).await,
+        Method::POST => handle_assign(&state, &headers, request).await,
         other => Err(ApiError::Method(other, "POST, OPTIONS")),
     };
     let (outcome, response) = match result {
@@ -120,29 +138,40 @@ async fn assign(
         Err(error) => ("bad_request", error.into_response()),
     };
     state.metrics.assigned(outcome, started.elapsed());
-    cors(response)
+    response
 }
 
 async fn handle_assign(
     state: &AppState,
     headers: &HeaderMap,
-    body: &[u8],
+    request: Request,
 ) -> Result<crate::assign::Assignment, ApiError> {
     let caller = caller(state, headers).await?;
-    let request: AssignRequest = serde_json::from_slice(body)
+    if let Some(subject) = &caller
+        && !state.limiter.allow(subject)
+    {
+        return Err(ApiError::RateLimited);
+    }
+    let body = read_body(request).await?;
+    let request: AssignRequest = whist_serve::json_object(&body)
         .map_err(|error| ApiError::Body(format!("malformed body: {error}")))?;
     let user = match (caller, &request.user_id) {
         (Some(subject), _) => subject,
-        (None, Some(user)) if !user.trim().is_empty() => user.trim().to_owned(),
+        // Without token checks (local, loopback only) callers name themselves, and the
+        // allowance is that name's.
+        (None, Some(user)) if !user.trim().is_empty() => {
+            let user = user.trim().to_owned();
+            if !state.limiter.allow(&user) {
+                return Err(ApiError::RateLimited);
+            }
+            user
+        }
         (None, _) => {
             return Err(ApiError::Body(
                 "user_id is required when the service runs without token checks".to_owned(),
             ));
         }
     };
-    if !state.limiter.allow(&user) {
-        return Err(ApiError::RateLimited);
-    }
     state
         .assigner
         .assign(&request, &user)
@@ -166,21 +195,15 @@ struct TransportBody {
     mandelbox_id: String,
 }
 
-async fn json_transport(
-    State(state): State<AppState>,
-    method: Method,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let response = match method {
-        Method::OPTIONS => StatusCode::NO_CONTENT.into_response(),
-        Method::PUT => match proxy_transport(&state, &headers, body).await {
+async fn json_transport(State(state): State<AppState>, request: Request) -> Response {
+    let (method, headers, request) = split(request);
+    match method {
+        Method::PUT => match proxy_transport(&state, &headers, request).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
         },
         other => ApiError::Method(other, "PUT, OPTIONS").into_response(),
-    };
-    cors(response)
+    }
 }
 
 /// Forwards the caller's `json_transport` to the host of the caller's own mandelbox, and only
@@ -188,10 +211,11 @@ async fn json_transport(
 async fn proxy_transport(
     state: &AppState,
     headers: &HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let caller = caller(state, headers).await?;
-    let parsed: TransportBody = serde_json::from_slice(&body)
+    let body = read_body(request).await?;
+    let parsed: TransportBody = whist_serve::json_object(&body)
         .map_err(|error| ApiError::Body(format!("malformed body: {error}")))?;
     let id: MandelboxId = parsed.mandelbox_id.trim().parse().map_err(|_| {
         ApiError::Body(format!(
@@ -281,6 +305,11 @@ enum ApiError {
     Method(Method, &'static str),
     #[error("{0}")]
     Body(String),
+    #[error(
+        "the body is larger than {} bytes",
+        whist_service_config::MAX_REQUEST_BODY_BYTES
+    )]
+    TooLarge,
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("too many requests; slow down")]
@@ -340,6 +369,7 @@ impl IntoResponse for ApiError {
         let status = match &self {
             Self::Method(..) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Body(_) => StatusCode::BAD_REQUEST,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Auth(AuthError::JwksUnavailable(_)) | Self::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -374,60 +404,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn cors(mut response: Response) -> Response {
-    let headers = response.headers_mut();
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Origin, Accept, Content-Type, Authorization, X-Requested-With"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, PUT, OPTIONS"),
-    );
-    response
-}
-
-/// The per-user assign limit: `burst` requests at once, refilled at `per_second` (governor's
-/// keyed GCRA limiter).
-#[derive(Debug)]
-pub struct RateLimiter {
-    limiter: governor::DefaultKeyedRateLimiter<String>,
-    checks: std::sync::atomic::AtomicU64,
-}
-
-/// Every this many checks, users whose allowance is whole again are forgotten, which bounds the
-/// memory a flood of user ids can take.
-const FORGET_EVERY: u64 = 10_000;
-
-impl RateLimiter {
-    pub fn new(per_second: f64, burst: u32) -> Self {
-        let period = Duration::try_from_secs_f64(1.0 / per_second).unwrap_or(Duration::MAX);
-        let quota = governor::Quota::with_period(period)
-            .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MIN))
-            .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN));
-        Self {
-            limiter: governor::RateLimiter::keyed(quota),
-            checks: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Takes one request from `user`'s allowance; `false` when it is spent.
-    pub fn allow(&self, user: &str) -> bool {
-        let checks = self
-            .checks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if checks % FORGET_EVERY == FORGET_EVERY - 1 {
-            self.limiter.retain_recent();
-            self.limiter.shrink_to_fit();
-        }
-        self.limiter.check_key(&user.to_owned()).is_ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,14 +416,5 @@ mod tests {
         for good in ["203.0.113.7", "10.0.0.5", "127.0.0.1", "2001:db8::1"] {
             assert!(routable_host(good.parse().expect("ip")), "{good}");
         }
-    }
-
-    #[test]
-    fn the_rate_limit_is_per_user() {
-        let limiter = RateLimiter::new(0.0001, 2);
-        assert!(limiter.allow("a"));
-        assert!(limiter.allow("a"));
-        assert!(!limiter.allow("a"), "a's burst is spent");
-        assert!(limiter.allow("b"), "b is not slowed by a");
     }
 }

@@ -28,7 +28,7 @@ use crate::controller::Controller;
 use crate::executor::{Executor, Safety};
 use crate::fleet::FleetView;
 use crate::hosts::HostHandler;
-use crate::http::{AppState, RateLimiter};
+use crate::http::AppState;
 use crate::leader::Term;
 use crate::metrics::Metrics;
 
@@ -147,7 +147,7 @@ pub async fn start(
         db,
         verifier,
         metrics,
-        limiter: Arc::new(RateLimiter::new(
+        limiter: Arc::new(whist_serve::PerCallerLimit::new(
             config.assign_rate_per_user,
             config.assign_burst_per_user,
         )),

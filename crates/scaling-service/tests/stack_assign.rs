@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::{Region, Scaler, assign_body, boxes_on, unique};
 use serde_json::json;
 use whist_test_support::jwt::TestIssuer;
-use whist_types::MandelboxStatus;
+use whist_types::{InstanceStatus, MandelboxStatus};
 
 async fn scaler(extra: &[&str]) -> Scaler {
     let issuer = Arc::new(TestIssuer::start().await.expect("issuer"));
@@ -28,8 +28,11 @@ async fn wait_for_fleet(scaler: &Scaler, region: &Region, boxes: usize) {
             let fleet = fleet.current();
             let name = region.name.clone();
             async move {
+                // The live queries arrive independently: boxes can show before their host's
+                // row turns ACTIVE, and only ACTIVE hosts are assigned to.
                 let count: usize = fleet
                     .instances_in(&name)
+                    .filter(|i| i.status == InstanceStatus::Active && i.ip().is_some())
                     .filter_map(|i| fleet.waiting.get(&i.id))
                     .map(Vec::len)
                     .sum();
@@ -267,15 +270,16 @@ async fn bad_requests_are_refused_with_a_message() {
         .expect("answer");
     assert_eq!(response.status(), 401);
 
-    let token = scaler.issuer.token("bad-body-user");
     for body in [
         "not json",
         r#"{"regions": "us-east-1"}"#,
         r#"{"session_id": "x"}"#,
     ] {
+        // Each from its own user: a request counts against its caller's allowance before
+        // its body is read.
         let response = http
             .post(&url)
-            .bearer_auth(&token)
+            .bearer_auth(scaler.issuer.token(&unique("bad-body-user")))
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -564,97 +568,4 @@ async fn error_bodies_carry_no_internals() {
         body["error_id"].as_str().is_some_and(|id| id.len() == 32),
         "{body}"
     );
-}
-
-/// Hostile strings in every field of both request bodies: each gets a clear 4xx or a business
-/// refusal, never a 5xx the caller did not cause, and the database is untouched (every value
-/// travels as a GraphQL variable, never inside a document).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn injection_strings_in_every_field_change_nothing() {
-    let scaler = scaler(&[]).await;
-    let region = Region::create(&scaler.db, 0, true).await;
-    let hosts = region
-        .active_hosts(&scaler.db, 1, 2, &region.image_id)
-        .await;
-    wait_for_fleet(&scaler, &region, 2).await;
-    let hostile = [
-        "'; DROP TABLE whist.instances; --",
-        "\" OR 1=1 --",
-        "$id",
-        "} } mutation { delete_whist_instances(where: {}) { affected_rows } } {",
-        "{\"_or\": [{\"id\": {\"_neq\": \"\"}}]}",
-        "../../../../etc/passwd",
-        "<script>alert(1)</script>",
-        "\u{202e}evil\u{0000}nul",
-        &"x".repeat(100_000),
-    ];
-    let token = scaler.issuer.token(&unique("attacker"));
-    let before = whist_test_support::shared()
-        .sql(&format!(
-            "SELECT count(*) FROM whist.instances WHERE region = '{}'",
-            region.name
-        ))
-        .expect("count");
-    let mut bodies = Vec::new();
-    for text in hostile {
-        bodies.push((
-            "/mandelbox/assign",
-            json!({"regions": [text, region.name], "client_commit_hash": region.client_sha}),
-        ));
-        bodies.push((
-            "/mandelbox/assign",
-            json!({"regions": [region.name], "client_commit_hash": text, "user_email": text, "version": text}),
-        ));
-        bodies.push((
-            "/json_transport",
-            json!({"mandelbox_id": text, "json_data": text}),
-        ));
-    }
-    for (path, body) in bodies {
-        let request = if path == "/json_transport" {
-            scaler.http.put(scaler.url(path))
-        } else {
-            scaler.http.post(scaler.url(path))
-        };
-        let response = request
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-            .await
-            .expect("answer");
-        let status = response.status().as_u16();
-        let reply: serde_json::Value = response.json().await.unwrap_or_default();
-        let code = reply["error"].as_str().unwrap_or_default().to_owned();
-        assert!(
-            (400..500).contains(&status)
-                || (status == 503
-                    && [
-                        "COMMIT_HASH_MISMATCH",
-                        "NO_INSTANCE_AVAILABLE",
-                        "REGION_NOT_ENABLED"
-                    ]
-                    .contains(&code.as_str()))
-                || status == 200,
-            "{path} {body}: {status} {reply}"
-        );
-    }
-    let after = whist_test_support::shared()
-        .sql(&format!(
-            "SELECT count(*) FROM whist.instances WHERE region = '{}'",
-            region.name
-        ))
-        .expect("count");
-    assert_eq!(before, after, "no instance row was written or deleted");
-    assert_eq!(after.trim(), "1");
-    // The region list with a real region in it may have been assigned (the boxes are real),
-    // but nothing beyond what the host has: its two boxes are still its two rows.
-    assert_eq!(boxes_on(&scaler.db, &hosts[0]).await.len(), 2);
-    // And the service still answers.
-    let health = scaler
-        .http
-        .get(scaler.url("/healthz"))
-        .send()
-        .await
-        .expect("answer");
-    assert_eq!(health.status(), 200);
 }

@@ -12,8 +12,21 @@
 //! - **work:** at most [`Limits::max_in_flight`] requests handled at once; past it the answer
 //!   is 503 with `Retry-After`, at once, instead of a queue that grows.
 //!
+//! Beside the accept loop: [`cors`] for the browser-facing routes, [`PerCallerLimit`] (the
+//! per-caller allowance both services put on their costly routes) and [`pinned`], the client
+//! side of a host's self-made certificate.
+//!
 //! On shutdown the listener closes, open connections are told to finish (HTTP/1 after the
 //! response in flight, HTTP/2 with GOAWAY) and get a grace period before being dropped.
+
+mod cors;
+mod json_body;
+mod per_caller;
+pub mod pinned;
+
+pub use cors::cors;
+pub use json_body::json_object;
+pub use per_caller::PerCallerLimit;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -13,6 +13,7 @@ pub mod docs;
 mod engine;
 pub mod faults;
 pub mod foreground;
+pub mod hostile;
 pub mod jwt;
 pub mod mandelbox_image;
 mod metadata;

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use serde::Deserialize;
@@ -22,6 +22,7 @@ use crate::agent::AgentHandle;
 use crate::agent::transport::{TransportError, TransportRequest};
 use crate::metrics::Metrics;
 use whist_auth::{AuthError, JwtVerifier, bearer_token};
+use whist_serve::PerCallerLimit;
 
 /// What the routes share.
 #[derive(Debug, Clone)]
@@ -30,18 +31,22 @@ pub struct AppState {
     /// `None` when this host runs without authentication (local mode only).
     pub verifier: Option<JwtVerifier>,
     pub metrics: Arc<Metrics>,
+    /// Each caller's `json_transport` allowance (callers are known only with tokens).
+    pub allowance: Arc<PerCallerLimit>,
 }
 
 /// The TLS listener's routes.
 pub fn transport_router(state: AppState) -> axum::Router {
-    axum::Router::new()
+    let routes = axum::Router::new()
         .route("/json_transport", any(json_transport))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(
             whist_service_config::MAX_REQUEST_BODY_BYTES,
         ))
-        .with_state(state)
+        .with_state(state);
+    // Browser extensions call `json_transport` directly in development.
+    whist_serve::cors(routes, &[Method::PUT, Method::OPTIONS])
 }
 
 /// The plain-HTTP operations listener's routes.
@@ -98,15 +103,10 @@ struct TransportBody {
     json_data: String,
 }
 
-async fn json_transport(
-    State(state): State<AppState>,
-    method: Method,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn json_transport(State(state): State<AppState>, request: Request) -> Response {
+    let method = request.method().clone();
     let result = match method {
-        Method::OPTIONS => return cors(StatusCode::NO_CONTENT.into_response()),
-        Method::PUT => handle_transport(&state, &headers, body).await,
+        Method::PUT => handle_transport(&state, request).await,
         other => Err(ApiError::Method(other)),
     };
     let response = match result {
@@ -114,21 +114,27 @@ async fn json_transport(
         Err(error) => error.into_response(),
     };
     state.metrics.transport_request(response.status().as_u16());
-    cors(response)
+    response
 }
 
+/// The caller first (token, then its allowance), then the body: a stranger's or a spent
+/// caller's megabytes are never read.
 async fn handle_transport(
     state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<crate::agent::transport::SessionReady, ApiError> {
     let caller = match &state.verifier {
         Some(verifier) => {
-            let token = bearer_token(headers)?;
-            Some(verifier.verify(token).await?.subject)
+            let token = bearer_token(request.headers())?;
+            let subject = verifier.verify(token).await?.subject;
+            if !state.allowance.allow(&subject) {
+                return Err(ApiError::RateLimited);
+            }
+            Some(subject)
         }
         None => None,
     };
+    let body: Result<Bytes, BytesRejection> = Bytes::from_request(request, &()).await;
     let bytes = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge
@@ -160,10 +166,7 @@ const PARSE_INLINE_BYTES: usize = 64 * 1024;
 /// Parses the body (only after the caller's token was checked).
 async fn parse_body(bytes: Bytes) -> Result<TransportBody, ApiError> {
     let small = bytes.len() <= PARSE_INLINE_BYTES;
-    let parse = move || {
-        serde_json::from_slice::<TransportBody>(&bytes)
-            .map_err(|error| ApiError::Body(error.to_string()))
-    };
+    let parse = move || whist_serve::json_object::<TransportBody>(&bytes).map_err(ApiError::Body);
     if small {
         return parse();
     }
@@ -186,6 +189,8 @@ enum ApiError {
     TooLarge,
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("too many json_transport requests from this caller; retry in a second")]
+    RateLimited,
     #[error(transparent)]
     Transport(TransportError),
 }
@@ -198,6 +203,7 @@ impl ApiError {
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Auth(AuthError::JwksUnavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Auth(_) => StatusCode::UNAUTHORIZED,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Transport(error) => match error {
                 TransportError::UnknownMandelbox => StatusCode::NOT_FOUND,
                 TransportError::NotYours => StatusCode::FORBIDDEN,
@@ -247,6 +253,11 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("PUT, OPTIONS"));
         }
+        if let Self::RateLimited = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -254,22 +265,4 @@ impl IntoResponse for ApiError {
         }
         response
     }
-}
-
-/// Browser extensions call this endpoint directly in development; allow them.
-fn cors(mut response: Response) -> Response {
-    let headers = response.headers_mut();
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Origin, Accept, Content-Type, Authorization, X-Requested-With"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("PUT, OPTIONS"),
-    );
-    response
 }

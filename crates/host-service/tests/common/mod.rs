@@ -485,6 +485,19 @@ impl ServiceProcess {
         Self { child }
     }
 
+    /// The binary with at most `descriptors` open files (as `ulimit -n` sets it).
+    pub fn spawn_with_descriptors(args: &[String], descriptors: u32) -> Self {
+        let child = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("ulimit -n {descriptors} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_host-service"))
+            .args(args)
+            .env("RUST_LOG", "host_service=info")
+            .spawn()
+            .expect("start the host-service binary");
+        Self { child }
+    }
+
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
         nix::sys::signal::kill(pid, signal).expect("signal");
@@ -514,6 +527,28 @@ impl Drop for ServiceProcess {
 }
 
 impl Host {
+    /// Once the binary listening on `port` has registered, points the test's HTTP client at
+    /// it, trusting exactly the certificate its instance row publishes.
+    pub async fn use_pinned_binary_at(&mut self, port: u16, ops_port: u16) -> String {
+        let fingerprint = eventually(
+            "the host to publish its certificate",
+            Duration::from_secs(60),
+            || async { self.instance().await.and_then(|row| row.tls_fingerprint) },
+        )
+        .await;
+        let tls = whist_serve::pinned::client_config(&fingerprint).expect("a fingerprint");
+        self.http = Some(
+            reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+        );
+        self.transport_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        self.ops_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], ops_port)));
+        fingerprint
+    }
+
     /// Points the test's HTTP client at a service binary listening on `port`; the binary's
     /// certificate is self-signed and unknown to the test, as it is to the scaling-service.
     pub fn use_binary_at(&mut self, port: u16, ops_port: u16) {
