@@ -8,6 +8,10 @@
 //!   sending decompression bombs, and while 200 connections send their headers a byte a second;
 //! - resident memory of the service binary, idle and with 10 mandelboxes.
 //!
+//! The host under measurement is the release binary in its own process, reached over TLS pinned
+//! to the certificate it publishes; attackers run on a runtime of their own, so the legitimate
+//! client's latency is the host's, not the attackers' tasks queued ahead of it.
+//!
 //! Needs the Docker engine and the reference mandelbox image (built on first use), and the
 //! release binary next to this example (`make bench` builds both).
 
@@ -40,7 +44,8 @@ async fn main() -> anyhow::Result<()> {
 
     println!("== zygote creation, sequential ({ROUNDS} each)");
     let bare = bare_create_start(&docker, &image, &root.join("bare")).await?;
-    let host = Bench::start(&stack, &db, &issuer, &image, &root.join("host"), 1).await?;
+    let binary = release_binary()?;
+    let host = Bench::start(&stack, &db, &issuer, &image, &root.join("host"), &binary).await?;
     let host_spinups = host.sequential_zygotes(&docker, ROUNDS).await?;
     println!(
         "  bare create+start:          {}",
@@ -74,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
     println!("== json_transport of a legitimate session under attack ({ROUNDS} sessions each)");
     let idle = transport_total.clone();
     let bombs = Attack::bombs(&host, &issuer, 16);
-    let (_, _, mut under_bombs) = host.sessions(&issuer, ROUNDS).await?;
+    let cpu = CpuShare::start(host.child.id());
+    let (_, mut bombs_ready_to_reply, mut under_bombs) = host.sessions(&issuer, ROUNDS).await?;
+    let (host_cpu, bench_cpu) = cpu.stop();
     let unread = bombs.unread.load(std::sync::atomic::Ordering::Relaxed);
     let bombs_sent = bombs.stop().await;
     let slowloris = Attack::slowloris(&host, 200).await?;
@@ -93,6 +100,13 @@ async fn main() -> anyhow::Result<()> {
         "    ({unread} of the bombs answered 429 unread: each sender's allowance is 5 at once, 1/s)"
     );
     println!(
+        "    (of which readiness file → reply: {})",
+        summary(&mut bombs_ready_to_reply)
+    );
+    println!(
+        "    (CPU meanwhile, in cores: host-service {host_cpu:.2}, attackers and client {bench_cpu:.2}, of 2 shared)"
+    );
+    println!(
         "  200 slowloris connections:    {}",
         summary(&mut under_slowloris)
     );
@@ -105,7 +119,6 @@ async fn main() -> anyhow::Result<()> {
     host.stop(&docker).await?;
 
     println!("== resident memory of the release binary");
-    let binary = release_binary()?;
     for capacity in [0, 10] {
         let rss = Bench::resident_memory(
             &stack, &db, &issuer, &image, &root, &binary, capacity, &docker,
@@ -120,6 +133,56 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU time of the host-service process and of this one over a stretch of wall time, in cores.
+struct CpuShare {
+    host: u32,
+    started: Instant,
+    at_start: (f64, f64),
+}
+
+impl CpuShare {
+    fn start(host: u32) -> Self {
+        Self {
+            host,
+            started: Instant::now(),
+            at_start: (cpu_seconds(&host.to_string()), cpu_seconds("self")),
+        }
+    }
+
+    fn stop(self) -> (f64, f64) {
+        let wall = self.started.elapsed().as_secs_f64();
+        let host = cpu_seconds(&self.host.to_string()) - self.at_start.0;
+        let bench = cpu_seconds("self") - self.at_start.1;
+        (host / wall, bench / wall)
+    }
+}
+
+/// User plus system CPU seconds of `/proc/<pid>` so far (0 if unreadable).
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at state; utime and stime
+    // are the 14th and 15th fields of the line, in clock ticks (100 a second on Linux).
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn attackers_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime for the attackers")
+}
+
 fn median(samples: &[Duration]) -> Duration {
     let mut sorted = samples.to_vec();
     sorted.sort();
@@ -129,7 +192,9 @@ fn median(samples: &[Duration]) -> Duration {
 /// Hostile clients of the host's `json_transport`, bounded in count, stopped by `stop`.
 struct Attack {
     stop: tokio_util::sync::CancellationToken,
-    tasks: tokio::task::JoinSet<usize>,
+    /// The attackers' own runtime (two workers).
+    runtime: tokio::runtime::Runtime,
+    tasks: Vec<tokio::task::JoinHandle<usize>>,
     /// Requests the host refused at the caller's allowance, before reading their bodies.
     unread: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -150,13 +215,19 @@ impl Attack {
         );
         let url = format!(
             "https://127.0.0.1:{}/json_transport",
-            host.running.transport_addr.port()
+            host.transport_addr.port()
         );
         let stop = tokio_util::sync::CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
+        let runtime = attackers_runtime();
+        let mut tasks = Vec::new();
         let unread = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // A client of the attackers' own: connections live on the runtime that made them.
+        let attackers = reqwest::Client::builder()
+            .use_preconfigured_tls((*host.tls).clone())
+            .build()
+            .expect("a client");
         for n in 0..senders {
-            let (http, url, stop) = (host.http.clone(), url.clone(), stop.clone());
+            let (http, url, stop) = (attackers.clone(), url.clone(), stop.clone());
             let unread = unread.clone();
             let token = issuer.token(&format!("bomber-{n}"));
             let body = serde_json::json!({
@@ -164,7 +235,7 @@ impl Attack {
                 "json_data": bomb,
             })
             .to_string();
-            tasks.spawn(async move {
+            tasks.push(runtime.spawn(async move {
                 let mut sent = 0;
                 // At most 10,000 each: bounded even if `stop` never came.
                 while !stop.is_cancelled() && sent < 10_000 {
@@ -180,10 +251,11 @@ impl Attack {
                     }
                 }
                 sent
-            });
+            }));
         }
         Self {
             stop,
+            runtime,
             tasks,
             unread,
         }
@@ -193,24 +265,14 @@ impl Attack {
     /// second (those past the host's per-address cap are closed by the host at once).
     async fn slowloris(host: &Bench, connections: usize) -> anyhow::Result<Self> {
         use tokio::io::AsyncWriteExt as _;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(rustls::pki_types::CertificateDer::from(
-            host.running.certificate_der.clone(),
-        ))?;
-        let config = std::sync::Arc::new(
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-        );
-        let addr = host.running.transport_addr;
+        let config = host.tls.clone();
+        let addr = host.transport_addr;
         let stop = tokio_util::sync::CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
+        let runtime = attackers_runtime();
+        let mut tasks = Vec::new();
         for _ in 0..connections {
             let (config, stop) = (config.clone(), stop.clone());
-            tasks.spawn(async move {
+            tasks.push(runtime.spawn(async move {
                 let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
                     return 0;
                 };
@@ -237,24 +299,26 @@ impl Attack {
                     }
                 }
                 1
-            });
+            }));
         }
         // Let the connections open before measuring.
         tokio::time::sleep(Duration::from_secs(1)).await;
         Ok(Self {
             stop,
+            runtime,
             tasks,
             unread: Default::default(),
         })
     }
 
     /// Ends the attack; how many requests (or connections) it made.
-    async fn stop(mut self) -> usize {
+    async fn stop(self) -> usize {
         self.stop.cancel();
         let mut total = 0;
-        while let Some(done) = self.tasks.join_next().await {
-            total += done.unwrap_or(0);
+        for task in self.tasks {
+            total += task.await.unwrap_or(0);
         }
+        self.runtime.shutdown_background();
         total
     }
 }
@@ -333,11 +397,15 @@ fn release_binary() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-/// One host-service under measurement, in process.
+/// One host-service under measurement: the release binary, one box.
 struct Bench {
     db: HasuraClient,
     instance_id: String,
-    running: host_service::Running,
+    child: std::process::Child,
+    transport_addr: std::net::SocketAddr,
+    ops_addr: std::net::SocketAddr,
+    /// TLS trusting exactly the certificate the host published on its row.
+    tls: std::sync::Arc<rustls::ClientConfig>,
     http: reqwest::Client,
     root: PathBuf,
 }
@@ -349,30 +417,49 @@ impl Bench {
         issuer: &TestIssuer,
         image: &str,
         root: &Path,
-        capacity: i32,
+        binary: &Path,
     ) -> anyhow::Result<Self> {
-        let instance_id = insert_instance(db, capacity).await?;
+        let instance_id = insert_instance(db, 1).await?;
+        let free = || -> anyhow::Result<std::net::SocketAddr> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+        };
+        let (transport_addr, ops_addr) = (free()?, free()?);
         let args = args(
             stack.info(),
             issuer,
             image,
             root,
             &instance_id,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
+            &transport_addr.to_string(),
+            &ops_addr.to_string(),
         );
-        let config =
-            <host_service::config::Args as clap::Parser>::try_parse_from(args)?.validate()?;
-        let running = host_service::start(config, Default::default(), Default::default())
-            .await
-            .map_err(|exit| anyhow::anyhow!("start: {exit:?}"))?;
+        let child = std::process::Command::new(binary)
+            .args(&args[1..])
+            .env("RUST_LOG", "warn")
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let fingerprint = loop {
+            let row = db.execute(&ops::instance_by_id(&instance_id)).await?;
+            if let Some(fingerprint) = row.and_then(|row| row.tls_fingerprint) {
+                break fingerprint;
+            }
+            if Instant::now() > deadline {
+                bail!("the host never registered");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let tls = whist_serve::pinned::client_config(&fingerprint)
+            .context("the host's row holds no fingerprint")?;
         let http = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_der(&running.certificate_der)?)
+            .use_preconfigured_tls(tls.clone())
             .build()?;
         let bench = Self {
             db: db.clone(),
             instance_id,
-            running,
+            child,
+            transport_addr,
+            ops_addr,
+            tls: std::sync::Arc::new(tls),
             http,
             root: root.to_owned(),
         };
@@ -381,7 +468,7 @@ impl Bench {
                 rows.iter()
                     .filter(|r| r.status == MandelboxStatus::Waiting)
                     .count()
-                    == capacity as usize
+                    == 1
             })
             .await?;
         Ok(bench)
@@ -446,7 +533,7 @@ impl Bench {
     }
 
     async fn spinup_sum_and_count(&self) -> anyhow::Result<(f64, f64)> {
-        let text = reqwest::get(format!("http://{}/metrics", self.running.ops_addr))
+        let text = reqwest::get(format!("http://{}/metrics", self.ops_addr))
             .await?
             .text()
             .await?;
@@ -495,7 +582,7 @@ impl Bench {
                 .http
                 .put(format!(
                     "https://127.0.0.1:{}/json_transport",
-                    self.running.transport_addr.port()
+                    self.transport_addr.port()
                 ))
                 .bearer_auth(issuer.token(&user))
                 .json(&serde_json::json!({ "mandelbox_id": id.to_string(), "json_data": "{}" }))
@@ -522,14 +609,19 @@ impl Bench {
         Ok((to_connecting, ready_to_reply, totals))
     }
 
-    async fn stop(self, docker: &DockerRuntime) -> anyhow::Result<()> {
-        self.running.shutdown();
-        let exit = self.running.wait().await;
+    async fn stop(mut self, docker: &DockerRuntime) -> anyhow::Result<()> {
+        nix_terminate(self.child.id());
+        let code = tokio::task::spawn_blocking(move || self.child.wait())
+            .await??
+            .code();
         let left = docker
             .list((labels::INSTANCE_ID, &self.instance_id))
             .await?;
-        if exit != host_service::Exit::Drained || !left.is_empty() {
-            bail!("unclean stop: {exit:?}, {} containers left", left.len());
+        if code != Some(0) || !left.is_empty() {
+            bail!(
+                "unclean stop: exit {code:?}, {} containers left",
+                left.len()
+            );
         }
         Ok(())
     }

@@ -190,7 +190,10 @@ async fn oversized_malformed_and_hostile_bodies_get_a_4xx_and_lose_nothing() {
     for (case, body) in [
         ("not JSON", "{{{".to_owned()),
         ("an array", "[]".to_owned()),
-        ("the fields as an array", json!([id.to_string(), "{}"]).to_string()),
+        (
+            "the fields as an array",
+            json!([id.to_string(), "{}"]).to_string(),
+        ),
         (
             "no json_data",
             json!({ "mandelbox_id": id.to_string() }).to_string(),
