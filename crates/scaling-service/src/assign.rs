@@ -1,28 +1,23 @@
-//! Assigning a user to a mandelbox: regions in the client's order, the fullest matching host
-//! first, one atomic claim per box (the database refuses double allocation, full or draining
-//! hosts and users at their limit), and a retry on the next box when a claim loses a race.
-//!
-//! Boxes this replica is claiming or has claimed are reserved in memory until the live query
-//! shows them taken, so concurrent requests here try different boxes instead of racing for one.
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+//! Assigning a user to a mandelbox, in one database round trip: the request becomes a row of
+//! the demand ledger (`whist.assign_ledger`), whose trigger chooses the box and claims it inside
+//! the database, with the rules the service once applied itself: regions in the client's order,
+//! the one commit rule, the fullest matching host first, boxes another attempt is claiming
+//! skipped rather than waited for, one user's attempts one at a time so that the refusal is the
+//! true one. The claim trigger's invariants (no double allocation, capacity, the per-user limit,
+//! heartbeats) hold as for any claim. See migration `1763856000006_assign_ledger`.
 
 use serde::{Deserialize, Serialize};
-use whist_dbclient::{ClaimOutcome, HasuraClient, ops};
-use whist_types::{
-    Environment, Image, Instance, InstanceStatus, MandelboxId, MandelboxStatus, same_commit,
-};
-
-use crate::fleet::{Fleet, FleetView};
+use whist_dbclient::ops::{self, AssignAttempt, AssignDecision};
+use whist_dbclient::{DbError, HasuraClient};
+use whist_types::{Environment, MandelboxId};
 
 /// The commit hash a developer's client sends; the local environment takes any commit as the
 /// region's, other environments compare it like any other.
 pub const LOCAL_DEV_COMMIT: &str = "local_dev";
 
-/// How long a reservation outlives the claim that made it; by then the live query has caught up.
-const RESERVATION_TTL: Duration = Duration::from_secs(60);
+/// Regions of one request the database looks at (the first ones, each once); no client asks
+/// for more, and a ledger row stays small whatever a caller sends.
+pub const MAX_REGIONS: usize = 32;
 
 /// The body of `POST /mandelbox/assign`. Unknown keys are ignored.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -42,6 +37,24 @@ pub struct AssignRequest {
     /// Honoured only when the service runs without token checks (local development).
     #[serde(default)]
     pub user_id: Option<String>,
+}
+
+impl AssignRequest {
+    /// What no text the database stores may hold: a NUL character. Refused with the body's
+    /// other faults rather than failing inside.
+    pub fn check(&self) -> Result<(), String> {
+        let texts = self
+            .regions
+            .iter()
+            .chain([&self.client_commit_hash])
+            .chain(&self.user_email)
+            .chain(&self.version)
+            .chain(&self.user_id);
+        if texts.into_iter().any(|text| text.contains('\0')) {
+            return Err("text fields must not contain NUL characters".to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// A successful assignment.
@@ -79,19 +92,12 @@ impl AssignError {
 #[derive(Debug, Clone)]
 pub struct Assigner {
     db: HasuraClient,
-    fleet: FleetView,
     environment: Environment,
-    reserved: Arc<Mutex<HashMap<MandelboxId, Instant>>>,
 }
 
 impl Assigner {
-    pub fn new(db: HasuraClient, fleet: FleetView, environment: Environment) -> Self {
-        Self {
-            db,
-            fleet,
-            environment,
-            reserved: Arc::new(Mutex::new(HashMap::new())),
-        }
+    pub fn new(db: HasuraClient, environment: Environment) -> Self {
+        Self { db, environment }
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(user))]
@@ -100,406 +106,193 @@ impl Assigner {
         request: &AssignRequest,
         user: &str,
     ) -> Result<Assignment, AssignError> {
-        let fleet = self.fleet.current();
-        if !fleet.complete {
-            // Before the first results arrive, every region would look unknown.
-            return Err(AssignError::ServiceUnavailable);
-        }
-        let regions = enabled_regions(&fleet, &request.regions);
-        if regions.is_empty() {
-            return Err(AssignError::RegionNotEnabled);
-        }
         let session_id = request
             .session_id
             .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
             .to_string();
-        // Capacity that only another client build could use means the client must update;
-        // capacity for this build that is all taken means there is simply none left; hosts that
-        // run no build of the region's image row are a configuration error, said as such.
-        let (mut matching_seen, mut mismatching_seen, mut misconfigured_seen) =
-            (false, false, false);
-        for region in regions {
-            let Some(image) = fleet.images.get(region) else {
-                continue;
-            };
-            let hosts = match match_region(
-                &fleet,
-                image,
-                &request.client_commit_hash,
-                self.environment,
-            ) {
-                RegionMatch::OtherBuild => {
-                    mismatching_seen = true;
-                    continue;
-                }
-                RegionMatch::HostsRunNoBuildOfTheImage => {
-                    misconfigured_seen = true;
-                    tracing::error!(
-                        region,
-                        image = %image.image_id,
-                        client_sha = %image.client_sha,
-                        "the region's image row names a commit none of its ACTIVE hosts runs: nothing can be assigned there until the row or the hosts are fixed"
-                    );
-                    continue;
-                }
-                RegionMatch::Hosts(hosts) => hosts,
-            };
-            matching_seen = true;
-            for instance in hosts {
-                if let Some(assignment) = self.claim_on(&fleet, instance, user, &session_id).await?
-                {
-                    return Ok(assignment);
-                }
+        let regions = requested_regions(&request.regions);
+        let attempt = AssignAttempt {
+            user_id: user,
+            session_id: &session_id,
+            regions: &regions,
+            client_commit: &request.client_commit_hash,
+            any_client_commit: self.environment == Environment::Local,
+        };
+        let decision = match self.db.execute(&ops::assign(&attempt)).await {
+            Ok(Some(decision)) => decision,
+            Ok(None) => {
+                tracing::error!("the engine stored no assign attempt");
+                return Err(AssignError::ServiceUnavailable);
             }
-        }
-        Err(if matching_seen {
-            AssignError::NoInstanceAvailable
-        } else if misconfigured_seen {
-            AssignError::ServiceUnavailable
-        } else if mismatching_seen {
-            AssignError::CommitHashMismatch
-        } else {
-            AssignError::NoInstanceAvailable
-        })
+            Err(error) => self.lost_answer(user, &session_id, error).await?,
+        };
+        decide(decision)
     }
 
-    /// Tries the instance's WAITING boxes until one claim wins; `None` when none is left.
-    async fn claim_on(
+    /// After a failed round trip: the attempt may have committed with its answer lost. If it
+    /// assigned a box, the box is the user's to use, not a leak until its host reaps it.
+    async fn lost_answer(
         &self,
-        fleet: &Fleet,
-        instance: &Instance,
         user: &str,
         session_id: &str,
-    ) -> Result<Option<Assignment>, AssignError> {
-        let Some(waiting) = fleet.waiting.get(&instance.id) else {
-            return Ok(None);
-        };
-        for &id in waiting {
-            if !self.reserve(id) {
-                continue;
-            }
-            match self.db.claim_mandelbox(id, user, session_id).await {
-                Ok(ClaimOutcome::Claimed(_)) => {
-                    let Some(ip) = instance.ip() else {
-                        tracing::error!(instance.id = %instance.id, "ACTIVE instance without an address");
-                        return Err(AssignError::ServiceUnavailable);
-                    };
-                    return Ok(Some(Assignment {
-                        ip: ip.to_string(),
-                        mandelbox_id: id,
-                        region: instance.region.clone(),
-                    }));
-                }
-                Ok(ClaimOutcome::NotWaiting) => continue,
-                Ok(
-                    ClaimOutcome::InstanceFull { .. } | ClaimOutcome::InstanceNotAccepting { .. },
-                ) => {
-                    self.release(id);
-                    return Ok(None);
-                }
-                Ok(ClaimOutcome::UserAtLimit { .. }) => {
-                    self.release(id);
-                    return Err(AssignError::UserAlreadyActive);
-                }
-                Err(error) => {
-                    // The claim may have committed with its answer lost: if the box is this
-                    // user's now, it is theirs to use rather than a leak until the host reaps it.
-                    if let Ok(Some(row)) = self.db.execute(&ops::mandelbox_by_id(id)).await
-                        && row.user_id.as_deref() == Some(user)
-                        && row.status == MandelboxStatus::Allocated
-                        && let Some(ip) = instance.ip()
-                    {
-                        return Ok(Some(Assignment {
-                            ip: ip.to_string(),
-                            mandelbox_id: id,
-                            region: instance.region.clone(),
-                        }));
-                    }
-                    self.release(id);
-                    tracing::warn!(%error, "claim failed");
-                    return Err(AssignError::ServiceUnavailable);
-                }
-            }
+        error: DbError,
+    ) -> Result<AssignDecision, AssignError> {
+        tracing::warn!(%error, "assign failed");
+        match self
+            .db
+            .execute(&ops::latest_assign_attempt(user, session_id))
+            .await
+        {
+            Ok(Some(decision)) if decision.outcome == ASSIGNED => Ok(decision),
+            _ => Err(AssignError::ServiceUnavailable),
         }
-        Ok(None)
-    }
-
-    /// Reserves a box for one claim attempt; `false` if another request here has it.
-    fn reserve(&self, id: MandelboxId) -> bool {
-        let mut reserved = self.reserved.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        if reserved.len() > 4096 {
-            reserved.retain(|_, at| now.duration_since(*at) < RESERVATION_TTL);
-        }
-        match reserved.get(&id) {
-            Some(at) if now.duration_since(*at) < RESERVATION_TTL => false,
-            _ => {
-                reserved.insert(id, now);
-                true
-            }
-        }
-    }
-
-    fn release(&self, id: MandelboxId) {
-        self.reserved
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
     }
 }
 
-/// The requested regions that are enabled, in the client's order, each once.
-fn enabled_regions<'a>(fleet: &Fleet, requested: &'a [String]) -> Vec<&'a str> {
+const ASSIGNED: &str = "ASSIGNED";
+
+/// The database's decision as the API's answer.
+fn decide(decision: AssignDecision) -> Result<Assignment, AssignError> {
+    match decision.outcome.as_str() {
+        ASSIGNED => {
+            let (Some(ip), Some(mandelbox_id)) = (decision.ip(), decision.mandelbox_id) else {
+                tracing::error!(?decision, "an assignment without a box or an address");
+                return Err(AssignError::ServiceUnavailable);
+            };
+            Ok(Assignment {
+                ip: ip.to_string(),
+                mandelbox_id,
+                region: decision.region.unwrap_or_default(),
+            })
+        }
+        "USER_ALREADY_ACTIVE" => Err(AssignError::UserAlreadyActive),
+        "REGION_NOT_ENABLED" => Err(AssignError::RegionNotEnabled),
+        "NO_INSTANCE_AVAILABLE" => Err(AssignError::NoInstanceAvailable),
+        "COMMIT_HASH_MISMATCH" => Err(AssignError::CommitHashMismatch),
+        "SERVICE_UNAVAILABLE" => {
+            if let Some(detail) = &decision.detail {
+                tracing::error!(%detail, "nothing can be assigned there until the image row or the hosts are fixed");
+            }
+            Err(AssignError::ServiceUnavailable)
+        }
+        other => {
+            tracing::error!(
+                outcome = other,
+                "an assign outcome this service does not know"
+            );
+            Err(AssignError::ServiceUnavailable)
+        }
+    }
+}
+
+/// The requested regions, each once, in the client's order, at most [`MAX_REGIONS`].
+fn requested_regions(requested: &[String]) -> Vec<&str> {
     let mut regions: Vec<&str> = Vec::new();
     for region in requested {
-        let enabled = fleet
-            .regions
-            .get(region)
-            .is_some_and(|config| config.enabled);
-        if enabled && !regions.contains(&region.as_str()) {
+        if regions.len() == MAX_REGIONS {
+            break;
+        }
+        if !regions.contains(&region.as_str()) {
             regions.push(region);
         }
     }
     regions
 }
 
-/// How a region stands for a client's build.
-#[derive(Debug, PartialEq, Eq)]
-enum RegionMatch<'a> {
-    /// The region runs another build than the client's: the client must update.
-    OtherBuild,
-    /// The region's ACTIVE hosts on its image all run builds its image row does not name.
-    HostsRunNoBuildOfTheImage,
-    /// The hosts to try, fullest first (perhaps none with room).
-    Hosts(Vec<&'a Instance>),
-}
-
-/// The one commit rule ([`same_commit`]) applied to a region: the client's build against the
-/// image row's, then the hosts' against both. Only the local environment accepts any client
-/// build (`local_dev` or whatever a developer's client sends) as the region's.
-fn match_region<'a>(
-    fleet: &'a Fleet,
-    image: &'a Image,
-    client_commit: &str,
-    environment: Environment,
-) -> RegionMatch<'a> {
-    let client = if environment == Environment::Local {
-        image.client_sha.as_str()
-    } else {
-        client_commit
-    };
-    if !same_commit(&image.client_sha, client) {
-        return RegionMatch::OtherBuild;
-    }
-    let on_image = || {
-        fleet
-            .instances_in(&image.region)
-            .filter(|i| i.status == InstanceStatus::Active && i.image_id == image.image_id)
-    };
-    let runs_the_build = |i: &Instance| {
-        same_commit(&i.client_sha, &image.client_sha) && same_commit(&i.client_sha, client)
-    };
-    if on_image().next().is_some() && !on_image().any(runs_the_build) {
-        return RegionMatch::HostsRunNoBuildOfTheImage;
-    }
-    RegionMatch::Hosts(
-        candidates(fleet, &image.region, &image.image_id)
-            .into_iter()
-            .filter(|i| runs_the_build(i))
-            .collect(),
-    )
-}
-
-/// ACTIVE instances on the region's current image with free capacity and WAITING boxes, fullest
-/// first (so sessions pack onto few hosts and idle ones can be drained).
-fn candidates<'a>(fleet: &'a Fleet, region: &'a str, image_id: &str) -> Vec<&'a Instance> {
-    let mut instances: Vec<&Instance> = fleet
-        .instances_in(region)
-        .filter(|i| {
-            i.status == InstanceStatus::Active
-                && i.ip().is_some()
-                && i.image_id == image_id
-                && i.remaining_capacity > 0
-                && fleet.waiting.get(&i.id).is_some_and(|w| !w.is_empty())
-        })
-        .collect();
-    instances.sort_by(|a, b| {
-        a.remaining_capacity
-            .cmp(&b.remaining_capacity)
-            .then_with(|| a.id.cmp(&b.id))
-    });
-    instances
-}
-
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use chrono::Utc;
-    use whist_types::{Image, RegionConfig};
-
     use super::*;
 
-    fn instance(id: &str, region: &str, image: &str, remaining: i32) -> Instance {
-        Instance {
-            id: id.into(),
-            provider: "AWS".into(),
-            region: region.into(),
-            image_id: image.into(),
-            client_sha: "sha".into(),
-            ip_addr: Some("10.0.0.1".into()),
-            instance_type: "g4dn.12xlarge".into(),
-            remaining_capacity: remaining,
-            status: InstanceStatus::Active,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-            fleet: None,
-            heartbeat_at: Utc::now(),
-            tls_fingerprint: None,
-        }
-    }
-
-    fn fleet() -> Fleet {
-        let instances = vec![
-            instance("a", "east", "ami-new", 5),
-            instance("b", "east", "ami-new", 2),
-            instance("c", "east", "ami-old", 1),
-            instance("d", "east", "ami-new", 0),
-            instance("e", "west", "ami-new", 3),
-        ];
-        let waiting = instances
-            .iter()
-            .map(|i| (i.id.clone(), vec![MandelboxId::new_random()]))
-            .collect();
-        let region = |name: &str, enabled| RegionConfig {
-            region: name.into(),
-            enabled,
-            desired_free_mandelboxes: 2,
-            instance_types: vec!["g4dn.2xlarge".into()],
-        };
-        let image = |region: &str| Image {
-            provider: "AWS".into(),
-            region: region.into(),
-            image_id: "ami-new".into(),
-            client_sha: "sha".into(),
-            updated_at: Utc::now(),
-        };
-        Fleet {
-            instances: Arc::new(instances),
-            waiting: Arc::new(waiting),
-            images: Arc::new(BTreeMap::from([
-                ("east".into(), image("east")),
-                ("west".into(), image("west")),
-            ])),
-            regions: Arc::new(BTreeMap::from([
-                ("east".into(), region("east", true)),
-                ("west".into(), region("west", true)),
-                ("north".into(), region("north", false)),
-            ])),
-            ..Fleet::default()
+    #[test]
+    fn nul_characters_are_refused_in_every_text_field() {
+        assert_eq!(AssignRequest::default().check(), Ok(()));
+        let nul = "a\0b".to_owned();
+        for request in [
+            AssignRequest {
+                regions: vec!["east".into(), nul.clone()],
+                ..AssignRequest::default()
+            },
+            AssignRequest {
+                client_commit_hash: nul.clone(),
+                ..AssignRequest::default()
+            },
+            AssignRequest {
+                user_email: Some(nul.clone()),
+                ..AssignRequest::default()
+            },
+            AssignRequest {
+                version: Some(nul.clone()),
+                ..AssignRequest::default()
+            },
+            AssignRequest {
+                user_id: Some(nul.clone()),
+                ..AssignRequest::default()
+            },
+        ] {
+            assert!(request.check().is_err(), "{request:?}");
         }
     }
 
     #[test]
-    fn regions_keep_the_clients_order_and_drop_disabled_or_unknown_ones() {
-        let fleet = fleet();
+    fn regions_keep_the_clients_order_each_once_and_at_most_the_cap() {
         let requested: Vec<String> = ["north", "west", "mars", "east", "west"]
             .iter()
             .map(|r| r.to_string())
             .collect();
-        assert_eq!(enabled_regions(&fleet, &requested), ["west", "east"]);
-        assert!(enabled_regions(&fleet, &[]).is_empty());
+        assert_eq!(
+            requested_regions(&requested),
+            ["north", "west", "mars", "east"]
+        );
+        let many: Vec<String> = (0..100).map(|n| format!("r{n}")).collect();
+        assert_eq!(requested_regions(&many).len(), MAX_REGIONS);
+        assert!(requested_regions(&[]).is_empty());
     }
 
-    #[test]
-    fn candidates_are_current_image_with_capacity_fullest_first() {
-        let fleet = fleet();
-        let ids: Vec<&str> = candidates(&fleet, "east", "ami-new")
-            .iter()
-            .map(|i| i.id.as_str())
-            .collect();
-        assert_eq!(ids, ["b", "a"], "old image and full hosts are skipped");
-    }
-
-    fn image(client_sha: &str) -> Image {
-        Image {
-            provider: "AWS".into(),
-            region: "east".into(),
-            image_id: "ami-new".into(),
-            client_sha: client_sha.into(),
-            updated_at: Utc::now(),
-        }
-    }
-
-    fn ids(matched: RegionMatch<'_>) -> Vec<String> {
-        match matched {
-            RegionMatch::Hosts(hosts) => hosts.iter().map(|i| i.id.clone()).collect(),
-            other => panic!("expected hosts, got {other:?}"),
+    fn decision(outcome: &str) -> AssignDecision {
+        AssignDecision {
+            outcome: outcome.into(),
+            region: None,
+            instance_id: None,
+            mandelbox_id: None,
+            ip_addr: None,
+            detail: None,
+            decision_ms: None,
         }
     }
 
     #[test]
-    fn one_commit_rule_for_the_image_the_hosts_and_the_client() {
-        let mut fleet = fleet();
-        // Hosts register with their full commit; the image row may hold an abbreviation.
-        let full = "sha0123456789";
-        fleet.instances = Arc::new(
-            fleet
-                .instances
-                .iter()
-                .cloned()
-                .map(|mut i| {
-                    i.client_sha = full.into();
-                    i
-                })
-                .collect(),
+    fn every_outcome_maps_to_its_answer() {
+        let id = MandelboxId::new_random();
+        let assigned = decide(AssignDecision {
+            region: Some("east".into()),
+            instance_id: Some("i-1".into()),
+            mandelbox_id: Some(id),
+            ip_addr: Some("10.0.0.5/32".into()),
+            ..decision(ASSIGNED)
+        });
+        assert_eq!(
+            assigned,
+            Ok(Assignment {
+                ip: "10.0.0.5".into(),
+                mandelbox_id: id,
+                region: "east".into()
+            })
         );
-        for (row, client) in [("sha0123", full), (full, full), ("sha0123", "sha0123")] {
-            let row_image = image(row);
-            let matched = match_region(&fleet, &row_image, client, Environment::Prod);
-            assert_eq!(ids(matched), ["b", "a"], "row {row}, client {client}");
+        for (outcome, error) in [
+            ("USER_ALREADY_ACTIVE", AssignError::UserAlreadyActive),
+            ("REGION_NOT_ENABLED", AssignError::RegionNotEnabled),
+            ("NO_INSTANCE_AVAILABLE", AssignError::NoInstanceAvailable),
+            ("COMMIT_HASH_MISMATCH", AssignError::CommitHashMismatch),
+            ("SERVICE_UNAVAILABLE", AssignError::ServiceUnavailable),
+            ("SOMETHING_NEW", AssignError::ServiceUnavailable),
+        ] {
+            assert_eq!(decide(decision(outcome)), Err(error), "{outcome}");
         }
-        let abbreviated = image("sha0123");
+        // An assignment the database could not give an address is not one.
         assert_eq!(
-            match_region(&fleet, &abbreviated, "sha9999999", Environment::Prod),
-            RegionMatch::OtherBuild
+            decide(decision(ASSIGNED)),
+            Err(AssignError::ServiceUnavailable)
         );
-        // An image row no host's commit matches is a configuration error, not a full region.
-        let other = image("other");
-        assert_eq!(
-            match_region(&fleet, &other, "other", Environment::Prod),
-            RegionMatch::HostsRunNoBuildOfTheImage
-        );
-    }
-
-    #[test]
-    fn local_dev_is_the_regions_build_only_in_the_local_environment() {
-        let fleet = fleet();
-        assert_eq!(
-            ids(match_region(
-                &fleet,
-                &image("sha"),
-                LOCAL_DEV_COMMIT,
-                Environment::Local
-            )),
-            ["b", "a"]
-        );
-        assert_eq!(
-            ids(match_region(
-                &fleet,
-                &image("sha"),
-                "anything",
-                Environment::Local
-            )),
-            ["b", "a"]
-        );
-        for environment in [Environment::Dev, Environment::Staging, Environment::Prod] {
-            assert_eq!(
-                match_region(&fleet, &image("sha"), LOCAL_DEV_COMMIT, environment),
-                RegionMatch::OtherBuild,
-                "{environment}"
-            );
-        }
     }
 
     #[test]

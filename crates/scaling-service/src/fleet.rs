@@ -1,5 +1,7 @@
-//! The fleet as this replica sees it: every live query's latest result in memory, so an assign
-//! costs one claim round trip and a scaling decision costs no query at all.
+//! The fleet as this replica sees it: every live query's latest result in memory, so a scaling
+//! decision costs no query at all. It follows instances (state and remaining capacity), not
+//! their boxes: assigns are decided inside the database, and a result set of every WAITING box
+//! would grow with the fleet and be re-sent on every claim.
 //!
 //! [`FleetView`] owns the live queries and publishes a new [`Fleet`] (an immutable, cheaply
 //! cloned value) after every change; readers take the current one and never wait on writers.
@@ -13,16 +15,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use whist_dbclient::{ConnectionState, HasuraClient, LiveOptions, live};
 use whist_types::{
-    DesktopAppVersion, FleetSettings, Image, ImageUpgrade, Instance, InstanceStatus, Mandelbox,
-    MandelboxId, MandelboxStatus, RegionConfig, capacity_of,
+    DesktopAppVersion, FleetSettings, Image, ImageUpgrade, Instance, InstanceStatus, RegionConfig,
+    capacity_of,
 };
 
 /// One consistent-enough picture of the fleet (each part is the latest of its live query).
 #[derive(Debug, Clone, Default)]
 pub struct Fleet {
     pub instances: Arc<Vec<Instance>>,
-    /// WAITING mandelboxes per instance id.
-    pub waiting: Arc<HashMap<String, Vec<MandelboxId>>>,
     /// Images by region (provider AWS).
     pub images: Arc<BTreeMap<String, Image>>,
     pub regions: Arc<BTreeMap<String, RegionConfig>>,
@@ -81,8 +81,6 @@ impl FleetView {
     pub fn start(db: &HasuraClient, options: LiveOptions, stop: CancellationToken) -> Self {
         let (publish, current) = watch::channel(Fleet::default());
         let mut instances = db.subscribe_with(live::queries::instances(), options.clone());
-        let mut mandelboxes =
-            db.subscribe_with(live::queries::waiting_mandelboxes(), options.clone());
         let mut images = db.subscribe_with(live::queries::images(), options.clone());
         let mut regions = db.subscribe_with(live::queries::region_configs(), options.clone());
         let mut settings = db.subscribe_with(live::queries::fleet_settings(), options.clone());
@@ -90,7 +88,6 @@ impl FleetView {
         let mut upgrades = db.subscribe_with(live::queries::upgrades_in_progress(), options);
         let states = vec![
             instances.state_watch(),
-            mandelboxes.state_watch(),
             images.state_watch(),
             regions.state_watch(),
             settings.state_watch(),
@@ -98,7 +95,7 @@ impl FleetView {
             upgrades.state_watch(),
         ];
         tokio::spawn(async move {
-            let mut seen = [false; 7];
+            let mut seen = [false; 6];
             loop {
                 let mut fleet = publish.borrow().clone();
                 tokio::select! {
@@ -108,31 +105,27 @@ impl FleetView {
                         fleet.idle_since = Arc::new(track_idle(&fleet.idle_since, &snapshot.rows, Utc::now()));
                         fleet.instances = snapshot.rows;
                     }
-                    Some(snapshot) = mandelboxes.next() => {
-                        seen[1] = true;
-                        fleet.waiting = Arc::new(waiting_by_instance(&snapshot.rows));
-                    }
                     Some(snapshot) = images.next() => {
-                        seen[2] = true;
+                        seen[1] = true;
                         fleet.images = Arc::new(
                             snapshot.rows.iter().filter(|i| i.provider == whist_types::PROVIDER_AWS)
                                 .map(|i| (i.region.clone(), i.clone())).collect(),
                         );
                     }
                     Some(snapshot) = regions.next() => {
-                        seen[3] = true;
+                        seen[2] = true;
                         fleet.regions = Arc::new(snapshot.rows.iter().map(|r| (r.region.clone(), r.clone())).collect());
                     }
                     Some(snapshot) = settings.next() => {
-                        seen[4] = true;
+                        seen[3] = true;
                         fleet.settings = snapshot.rows.first().cloned();
                     }
                     Some(snapshot) = version.next() => {
-                        seen[5] = true;
+                        seen[4] = true;
                         fleet.desktop_app_version = snapshot.rows.first().cloned();
                     }
                     Some(snapshot) = upgrades.next() => {
-                        seen[6] = true;
+                        seen[5] = true;
                         fleet.upgrades = Arc::new(snapshot.rows.iter().map(|u| (u.region.clone(), u.clone())).collect());
                     }
                 }
@@ -162,20 +155,6 @@ impl FleetView {
         .await
         .is_ok()
     }
-}
-
-fn waiting_by_instance(rows: &[Mandelbox]) -> HashMap<String, Vec<MandelboxId>> {
-    let mut waiting: HashMap<String, Vec<MandelboxId>> = HashMap::new();
-    for row in rows
-        .iter()
-        .filter(|row| row.status == MandelboxStatus::Waiting)
-    {
-        waiting
-            .entry(row.instance_id.clone())
-            .or_default()
-            .push(row.id);
-    }
-    waiting
 }
 
 /// Keeps the first moment each instance was seen idle; forgets instances with sessions.

@@ -155,6 +155,9 @@ async fn handle_assign(
     let body = read_body(request).await?;
     let request: AssignRequest = whist_serve::json_object(&body)
         .map_err(|error| ApiError::Body(format!("malformed body: {error}")))?;
+    request
+        .check()
+        .map_err(|error| ApiError::Body(format!("malformed body: {error}")))?;
     let user = match (caller, &request.user_id) {
         (Some(subject), _) => subject,
         // Without token checks (local, loopback only) callers name themselves, and the

@@ -142,7 +142,7 @@ pub async fn start(
         );
     }
     let state = AppState {
-        assigner: Assigner::new(db.clone(), fleet.clone(), config.environment),
+        assigner: Assigner::new(db.clone(), config.environment),
         fleet: fleet.clone(),
         db,
         verifier,

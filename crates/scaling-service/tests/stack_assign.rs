@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::{Region, Scaler, assign_body, boxes_on, unique};
 use serde_json::json;
 use whist_test_support::jwt::TestIssuer;
-use whist_types::{InstanceStatus, MandelboxStatus};
+use whist_types::MandelboxStatus;
 
 async fn scaler(extra: &[&str]) -> Scaler {
     let issuer = Arc::new(TestIssuer::start().await.expect("issuer"));
@@ -17,30 +17,6 @@ async fn scaler(extra: &[&str]) -> Scaler {
     let mut args = vec!["--api-only"];
     args.extend_from_slice(extra);
     Scaler::start(issuer, &args).await
-}
-
-async fn wait_for_fleet(scaler: &Scaler, region: &Region, boxes: usize) {
-    let fleet = scaler.running.as_ref().expect("running").fleet.clone();
-    common::eventually(
-        "the fleet view to show the boxes",
-        std::time::Duration::from_secs(20),
-        || {
-            let fleet = fleet.current();
-            let name = region.name.clone();
-            async move {
-                // The live queries arrive independently: boxes can show before their host's
-                // row turns ACTIVE, and only ACTIVE hosts are assigned to.
-                let count: usize = fleet
-                    .instances_in(&name)
-                    .filter(|i| i.status == InstanceStatus::Active && i.ip().is_some())
-                    .filter_map(|i| fleet.waiting.get(&i.id))
-                    .map(Vec::len)
-                    .sum();
-                (count >= boxes && fleet.images.contains_key(&name)).then_some(())
-            }
-        },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +38,6 @@ async fn five_hundred_requests_for_a_hundred_boxes_give_exactly_a_hundred() {
     let hosts = region
         .active_hosts(&scaler.db, 10, 10, &region.image_id)
         .await;
-    wait_for_fleet(&scaler, &region, 100).await;
 
     let requests: Vec<_> = (0..500)
         .map(|n| {
@@ -119,7 +94,6 @@ async fn refusals_carry_their_codes() {
     let hosts = region
         .active_hosts(&scaler.db, 1, 2, &region.image_id)
         .await;
-    wait_for_fleet(&scaler, &region, 2).await;
 
     let (status, body) = scaler
         .assign_as(
@@ -183,7 +157,6 @@ async fn refusals_carry_their_codes() {
     region
         .active_hosts(&scaler.db, 1, 12, &region.image_id)
         .await;
-    wait_for_fleet(&scaler, &region, 13).await;
     let limited = unique("limited");
     for _ in 0..3 {
         let (status, body) = scaler
@@ -211,7 +184,6 @@ async fn the_fullest_host_is_chosen_first() {
     let snug = region
         .active_hosts(&scaler.db, 1, 2, &region.image_id)
         .await;
-    wait_for_fleet(&scaler, &region, 14).await;
     let (status, body) = scaler
         .assign_as(
             &unique("u"),
@@ -314,7 +286,6 @@ async fn json_transport_reaches_only_the_callers_own_mandelbox() {
     region
         .active_hosts(&scaler.db, 1, 2, &region.image_id)
         .await;
-    wait_for_fleet(&scaler, &region, 2).await;
     let owner = unique("owner");
     let (status, body) = scaler
         .assign_as(&owner, assign_body(&[&region.name], &region.client_sha))
@@ -369,7 +340,6 @@ async fn a_host_whose_heartbeat_stopped_gets_no_assignment() {
     let hosts = region
         .active_hosts(&scaler.db, 2, 2, &region.image_id)
         .await;
-    wait_for_fleet(&scaler, &region, 4).await;
     let (dead, alive) = (&hosts[0], &hosts[1]);
     // An hour without a heartbeat (past the default 90 s of
     // `config.settings.assign_heartbeat_max_age_seconds`); triggers off for this session only.
@@ -463,7 +433,6 @@ async fn an_abbreviated_image_commit_assigns_and_one_matching_no_host_is_a_clear
         },
     )
     .await;
-    wait_for_fleet(&scaler, &region, 2).await;
     for client in [full.as_str(), abbreviated] {
         let (status, body) = scaler
             .assign_as(&unique("user"), assign_body(&[&region.name], client))

@@ -184,6 +184,7 @@ mod tests {
             "whist.instances",
             "whist.mandelboxes",
             "whist.images",
+            "whist.assign_ledger",
             "config.regions",
             "config.settings",
             "config.desktop_app_version",

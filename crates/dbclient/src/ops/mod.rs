@@ -7,12 +7,14 @@
 //!
 //! [`Operation`]: crate::Operation
 
+pub mod assign;
 pub mod config;
 pub mod images;
 pub mod instances;
 pub mod mandelboxes;
 pub mod scaling;
 
+pub use self::assign::*;
 pub use self::config::*;
 pub use self::images::*;
 pub use self::instances::*;
