@@ -2,7 +2,9 @@
 CARGO ?= cargo
 STACK := $(CARGO) run --quiet -p whist-test-support --bin stack --
 
-BIN := $${CARGO_TARGET_DIR:-target}/debug
+# `make run PROFILE=release` runs the fleet from release binaries (bench-fleet does).
+PROFILE ?= dev
+BIN := $${CARGO_TARGET_DIR:-target}/$(if $(filter release,$(PROFILE)),release,debug)
 # The scaling-service image the tests build and run.
 TEST_IMAGE := whist/scaling-service:test
 
@@ -10,7 +12,7 @@ TEST_IMAGE := whist/scaling-service:test
 
 ## run: the whole fleet on this machine: stack, scaling-service, host-service processes and their mandelboxes; Ctrl-C stops it all
 run: engine postgres
-	$(CARGO) build --workspace --bins --quiet
+	$(CARGO) build --workspace --bins --quiet --profile $(PROFILE)
 	@$(BIN)/local-fleet $(FLEET_ARGS)
 
 ## session: play one client session against the running local fleet (assign, config, ports and key, end)
@@ -73,9 +75,9 @@ check-deploy:
 image:
 	bash scripts/build-scaling-image.sh whist/scaling-service:local
 
-## bench-fleet: make run → first assignable mandelbox (3 cold starts); assign → json_transport over 50 sessions
+## bench-fleet: make run (release binaries) → first assignable mandelbox (3 cold starts); assign → json_transport over 200 sessions
 bench-fleet: engine postgres
-	$(CARGO) build --workspace --bins --quiet
+	$(CARGO) build --workspace --bins --quiet --release
 	@# "Already built" includes the mandelbox image make run would otherwise build first.
 	bash scripts/build-reference-mandelbox.sh >/dev/null 2>&1
 	$(CARGO) run --quiet -p local-fleet --example fleet_bench

@@ -110,7 +110,14 @@ async fn the_rules_decide_as_the_service_did() {
     let unknown = unique("nowhere");
 
     // (case, regions, client commit, any client commit, outcome, host)
-    type Case<'a> = (&'a str, Vec<&'a str>, &'a str, bool, &'a str, Option<&'a str>);
+    type Case<'a> = (
+        &'a str,
+        Vec<&'a str>,
+        &'a str,
+        bool,
+        &'a str,
+        Option<&'a str>,
+    );
     let cases: Vec<Case> = vec![
         ("no region", vec![], SHA, false, "REGION_NOT_ENABLED", None),
         (

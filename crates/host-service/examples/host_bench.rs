@@ -26,7 +26,7 @@ use host_service::resources::ports::PortAllocator;
 use host_service::runtime::ContainerRuntime;
 use host_service::runtime::docker::DockerRuntime;
 use whist_dbclient::{ClaimOutcome, HasuraClient, ops};
-use whist_test_support::bench::{mean, summary};
+use whist_test_support::bench::{mean, quantile, summary};
 use whist_test_support::jwt::TestIssuer;
 use whist_test_support::{Stack, StackInfo, StackOptions};
 use whist_types::{Environment, InstanceStatus, MandelboxId, MandelboxStatus, NewInstance};
@@ -184,9 +184,7 @@ fn attackers_runtime() -> tokio::runtime::Runtime {
 }
 
 fn median(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+    quantile(samples, 0.5)
 }
 
 /// Hostile clients of the host's `json_transport`, bounded in count, stopped by `stop`.

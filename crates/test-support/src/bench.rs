@@ -3,6 +3,16 @@
 use std::time::Duration;
 
 /// `p50 …, p99 …, max … (n = …)` in milliseconds; sorts `samples`.
+/// The `quantile` (0 to 1) of `samples`, as [`summary`] reads it; zero for no samples.
+pub fn quantile(samples: &[Duration], quantile: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return Duration::ZERO;
+    };
+    sorted[((last as f64) * quantile).round() as usize]
+}
+
 pub fn summary(samples: &mut [Duration]) -> String {
     if samples.is_empty() {
         return "no samples".to_owned();
