@@ -86,6 +86,53 @@ async fn five_hundred_requests_for_a_hundred_boxes_give_exactly_a_hundred() {
     );
 }
 
+/// The hostile case from the review: 500 requests at once for one user (limit 3) on a replica
+/// without a rate limit, with boxes to spare. Three sessions, and every other answer is the
+/// true refusal, never `NO_INSTANCE_AVAILABLE` because of the user's own requests in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_at_once_gets_the_limit_and_every_other_answer_says_so() {
+    let scaler = Arc::new(
+        scaler(&[
+            "--max-connections",
+            "1000",
+            "--max-connections-per-peer",
+            "1000",
+            "--max-in-flight",
+            "1000",
+            "--assign-burst-per-user",
+            "1000",
+        ])
+        .await,
+    );
+    let region = Region::create(&scaler.db, 0, true).await;
+    region
+        .active_hosts(&scaler.db, 4, 5, &region.image_id)
+        .await;
+    let user = unique("hasty");
+    let requests: Vec<_> = (0..500)
+        .map(|_| {
+            let (scaler, user) = (scaler.clone(), user.clone());
+            let body = assign_body(&[&region.name], &region.client_sha);
+            tokio::spawn(async move { scaler.assign_as(&user, body).await })
+        })
+        .collect();
+    let mut answers: std::collections::HashMap<String, usize> = Default::default();
+    for request in requests {
+        let (status, body) = request.await.expect("join");
+        let answer = match status {
+            200 => "assigned".to_owned(),
+            _ => format!("{status} {}", body["error"].as_str().unwrap_or_default()),
+        };
+        *answers.entry(answer).or_default() += 1;
+    }
+    assert_eq!(answers.get("assigned"), Some(&3), "{answers:?}");
+    assert_eq!(
+        answers.get("503 USER_ALREADY_ACTIVE"),
+        Some(&497),
+        "{answers:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_carry_their_codes() {
     let scaler = scaler(&[]).await;
