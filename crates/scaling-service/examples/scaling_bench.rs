@@ -425,6 +425,33 @@ async fn soak(stack: &Stack, issuer: &Arc<TestIssuer>, cloud: Arc<Ec2Hosts>) -> 
         regions.push(region);
     }
     let regions = Arc::new(regions);
+    // The hosts beat as real ones do (a silent host gets no session after 90 s).
+    let beating = tokio_util::sync::CancellationToken::new();
+    let heartbeats = {
+        let (db, stop, hosts) = (db.clone(), beating.clone(), {
+            let mut hosts = Vec::new();
+            for region in regions.iter() {
+                hosts.extend(
+                    db.execute(&ops::instances_in_region(region))
+                        .await?
+                        .into_iter()
+                        .map(|i| i.id),
+                );
+            }
+            hosts
+        });
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                for host in &hosts {
+                    let _ = db.execute(&ops::heartbeat(host)).await;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = tokio::time::sleep(Duration::from_secs(10)) => {}
+                }
+            }
+        })
+    };
     let url = format!("http://{}/mandelbox/assign", api.addr);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -487,6 +514,8 @@ async fn soak(stack: &Stack, issuer: &Arc<TestIssuer>, cloud: Arc<Ec2Hosts>) -> 
         refused += task_refused;
         latencies.extend(task_latencies);
     }
+    beating.cancel();
+    heartbeats.await?;
     let given = given.load(std::sync::atomic::Ordering::Relaxed);
     println!(
         "  {given} assigned, {refused} refused in {:.0} s ({:.0}/s); latency {}",

@@ -22,7 +22,8 @@
 --     advisory lock as the claim trigger's), so that refusal is decided on committed claims
 --     only and is never mistaken for NO_INSTANCE_AVAILABLE while the user's own other attempts
 --     are in flight;
---   * boxes another attempt is claiming are skipped (SKIP LOCKED), never waited for.
+--   * boxes another attempt is claiming are skipped (SKIP LOCKED), never waited for, and hosts
+--     another attempt is claiming on are tried last.
 -- The claim itself is the same conditional update as before, so the claim trigger's invariants
 -- (capacity, the per-user limit, heartbeats) hold exactly as they did.
 
@@ -84,7 +85,10 @@ DECLARE
     image           record;
     client          text;
     host            record;
+    locked          record;
     box             record;
+    pass            integer;
+    busy_seen       boolean;
 BEGIN
     NEW.requested_at := now();
     NEW.outcome := NULL;
@@ -98,6 +102,15 @@ BEGIN
            coalesce(max(assign_heartbeat_max_age_seconds), 90) AS heartbeat_max_age,
            coalesce(max(assign_ledger_retention_hours), 720) AS retention_hours
         INTO settings FROM config.settings;
+
+    -- Retention, before any host is locked: at most two expired attempts go with each new one
+    -- (never a younger one, and never one another attempt is removing).
+    DELETE FROM whist.assign_ledger WHERE id IN (
+        SELECT id FROM whist.assign_ledger
+            WHERE requested_at < now() - make_interval(hours => settings.retention_hours)
+            ORDER BY requested_at
+            LIMIT 2
+            FOR UPDATE SKIP LOCKED);
 
     -- One user's attempts one at a time, after every earlier one of theirs has committed.
     PERFORM pg_advisory_xact_lock(hashtextextended('whist.mandelboxes.user:' || NEW.user_id, 0));
@@ -133,43 +146,64 @@ BEGIN
         END IF;
         matching_seen := true;
 
-        -- The fullest host first; on it, a box no other attempt is claiming.
-        FOR host IN
-            SELECT i.id, i.ip_addr FROM whist.instances i
-                WHERE i.region = asked AND i.status = 'ACTIVE' AND i.image_id = image.image_id
-                    AND i.remaining_capacity > 0 AND i.ip_addr IS NOT NULL
-                    AND i.heartbeat_at >= now() - make_interval(secs => settings.heartbeat_max_age)
-                    AND whist.same_commit(i.client_sha, image.client_sha)
-                    AND whist.same_commit(i.client_sha, client)
-                ORDER BY i.remaining_capacity, i.id
-        LOOP
-            SELECT m.id INTO box FROM whist.mandelboxes m
-                WHERE m.instance_id = host.id AND m.status = 'WAITING'
-                ORDER BY m.id
-                LIMIT 1
-                FOR UPDATE SKIP LOCKED;
-            CONTINUE WHEN NOT FOUND;
-            IF user_live >= settings.user_limit THEN
-                NEW.outcome := 'USER_ALREADY_ACTIVE';
-                EXIT regions;
-            END IF;
-            BEGIN
+        -- The fullest host first; on it, a box no other attempt is claiming. The host's row is
+        -- locked before its box is taken, and its state checked again under the lock, so the
+        -- claim below cannot be refused by the claim trigger (no subtransaction needed). A host
+        -- another attempt holds is passed over in a first pass (waiting for it would line every
+        -- attempt up behind the fullest host); only if nothing else is free does a second pass
+        -- wait for it.
+        FOR pass IN 1..2 LOOP
+            busy_seen := false;
+            FOR host IN
+                SELECT i.id FROM whist.instances i
+                    WHERE i.region = asked AND i.status = 'ACTIVE' AND i.image_id = image.image_id
+                        AND i.remaining_capacity > 0 AND i.ip_addr IS NOT NULL
+                        AND i.heartbeat_at >= now() - make_interval(secs => settings.heartbeat_max_age)
+                        AND whist.same_commit(i.client_sha, image.client_sha)
+                        AND whist.same_commit(i.client_sha, client)
+                    ORDER BY i.remaining_capacity, i.id
+            LOOP
+                IF pass = 1 THEN
+                    SELECT i.id, i.ip_addr INTO locked FROM whist.instances i
+                        WHERE i.id = host.id AND i.status = 'ACTIVE' AND i.remaining_capacity > 0
+                            AND i.heartbeat_at >= now() - make_interval(secs => settings.heartbeat_max_age)
+                        FOR UPDATE SKIP LOCKED;
+                    IF NOT FOUND THEN
+                        busy_seen := true;
+                        CONTINUE;
+                    END IF;
+                ELSE
+                    SELECT i.id, i.ip_addr INTO locked FROM whist.instances i
+                        WHERE i.id = host.id AND i.status = 'ACTIVE' AND i.remaining_capacity > 0
+                            AND i.heartbeat_at >= now() - make_interval(secs => settings.heartbeat_max_age)
+                        FOR UPDATE;
+                    CONTINUE WHEN NOT FOUND;
+                END IF;
+                SELECT m.id INTO box FROM whist.mandelboxes m
+                    WHERE m.instance_id = host.id AND m.status = 'WAITING'
+                    ORDER BY m.id
+                    LIMIT 1
+                    FOR UPDATE SKIP LOCKED;
+                CONTINUE WHEN NOT FOUND;
+                IF user_live >= settings.user_limit THEN
+                    NEW.outcome := 'USER_ALREADY_ACTIVE';
+                    EXIT regions;
+                END IF;
+                -- The claim trigger checks again (capacity, the limit, the heartbeat) and cannot
+                -- disagree: the host's row and the user's lock are held.
                 UPDATE whist.mandelboxes
                     SET status = 'ALLOCATED', user_id = NEW.user_id, session_id = NEW.session_id
                     WHERE id = box.id AND status = 'WAITING';
                 IF FOUND THEN
                     NEW.outcome := 'ASSIGNED';
                     NEW.region := asked;
-                    NEW.instance_id := host.id;
+                    NEW.instance_id := locked.id;
                     NEW.mandelbox_id := box.id;
-                    NEW.ip_addr := host.ip_addr;
+                    NEW.ip_addr := locked.ip_addr;
                     EXIT regions;
                 END IF;
-            EXCEPTION WHEN check_violation THEN
-                -- The host filled up, stopped accepting or fell silent since it was chosen (the
-                -- claim trigger's refusals): the next host.
-                NULL;
-            END;
+            END LOOP;
+            EXIT WHEN NOT busy_seen;
         END LOOP;
     END LOOP;
 
@@ -183,15 +217,6 @@ BEGIN
         END;
     END IF;
 
-    -- Retention: at most two expired attempts go with each new one (never a younger one, and
-    -- never one another attempt is removing).
-    DELETE FROM whist.assign_ledger WHERE id IN (
-        SELECT id FROM whist.assign_ledger
-            WHERE requested_at < now() - make_interval(hours => settings.retention_hours)
-            ORDER BY requested_at
-            LIMIT 2
-            FOR UPDATE SKIP LOCKED);
-
     NEW.decision_ms := extract(epoch FROM clock_timestamp() - started) * 1000;
     RETURN NEW;
 END;
@@ -201,5 +226,7 @@ CREATE TRIGGER assign_ledger_decide
     BEFORE INSERT ON whist.assign_ledger
     FOR EACH ROW EXECUTE FUNCTION whist.assign_ledger_decide();
 
--- The decision reads boxes by instance and status.
+-- The decision reads boxes by instance and status, and a region's hosts fullest first.
 CREATE INDEX mandelboxes_instance_status_idx ON whist.mandelboxes (instance_id, status);
+CREATE INDEX instances_assign_order_idx ON whist.instances (region, image_id, remaining_capacity, id)
+    WHERE status = 'ACTIVE';
