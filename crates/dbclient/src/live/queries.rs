@@ -111,23 +111,6 @@ pub fn mandelboxes_on_instance(instance_id: &str) -> LiveQuery<Mandelbox> {
     )
 }
 
-const WAITING_MANDELBOXES: &str = concat!(
-    "subscription LiveWaitingMandelboxes { whist_mandelboxes(where: {status: {_eq: \"WAITING\"}}, order_by: {id: asc}) { ",
-    mandelbox_fields!(),
-    " } }"
-);
-
-/// Every WAITING mandelbox of the fleet (what an assign can claim); shrinks as boxes are
-/// claimed, so it stays cheap under a burst of assignments.
-pub fn waiting_mandelboxes() -> LiveQuery<Mandelbox> {
-    LiveQuery::new(
-        "LiveWaitingMandelboxes",
-        WAITING_MANDELBOXES,
-        json!({}),
-        "whist_mandelboxes",
-    )
-}
-
 const IMAGES: &str = concat!(
     "subscription LiveImages { whist_images(order_by: [{provider: asc}, {region: asc}]) { ",
     image_fields!(),
