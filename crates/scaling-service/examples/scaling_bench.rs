@@ -231,21 +231,7 @@ async fn claim_load(db: &HasuraClient, boxes: &[MandelboxId], clients: usize) ->
             })
         })
         .collect();
-    let mut report = LoadReport {
-        assigned: 0,
-        refused: 0,
-        per_second: 0.0,
-        latencies: Vec::new(),
-    };
-    for task in tasks {
-        if let Ok((assigned, refused, latencies)) = task.await {
-            report.assigned += assigned;
-            report.refused += refused;
-            report.latencies.extend(latencies);
-        }
-    }
-    report.per_second = report.assigned as f64 / started.elapsed().as_secs_f64();
-    report
+    LoadReport::gather(tasks, started).await
 }
 
 async fn start(
@@ -581,6 +567,30 @@ struct LoadReport {
     latencies: Vec<Duration>,
 }
 
+/// What one load loop returns: sessions given, refusals, each request's latency.
+type LoopResult = (usize, usize, Vec<Duration>);
+
+impl LoadReport {
+    /// The loops' results together, per second of wall time since `started`.
+    async fn gather(tasks: Vec<tokio::task::JoinHandle<LoopResult>>, started: Instant) -> Self {
+        let mut report = Self {
+            assigned: 0,
+            refused: 0,
+            per_second: 0.0,
+            latencies: Vec::new(),
+        };
+        for task in tasks {
+            if let Ok((assigned, refused, latencies)) = task.await {
+                report.assigned += assigned;
+                report.refused += refused;
+                report.latencies.extend(latencies);
+            }
+        }
+        report.per_second = report.assigned as f64 / started.elapsed().as_secs_f64();
+        report
+    }
+}
+
 impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut latencies = self.latencies.clone();
@@ -644,20 +654,7 @@ async fn assign_load(
             })
         })
         .collect();
-    let mut report = LoadReport {
-        assigned: 0,
-        refused: 0,
-        per_second: 0.0,
-        latencies: Vec::new(),
-    };
-    for task in tasks {
-        let (assigned, refused, latencies) = task.await?;
-        report.assigned += assigned;
-        report.refused += refused;
-        report.latencies.extend(latencies);
-    }
-    report.per_second = report.assigned as f64 / started.elapsed().as_secs_f64();
-    Ok(report)
+    Ok(LoadReport::gather(tasks, started).await)
 }
 
 async fn consistency(db: &HasuraClient, region: &str, assigned: usize) -> anyhow::Result<String> {

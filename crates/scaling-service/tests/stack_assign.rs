@@ -19,21 +19,24 @@ async fn scaler(extra: &[&str]) -> Scaler {
     Scaler::start(issuer, &args).await
 }
 
+/// A scaler whose listener has room for 500 requests at once from one address: these tests
+/// are about claims, not the listener's limits (which `binary_hostile` covers).
+async fn roomy_scaler(extra: &[&str]) -> Scaler {
+    let mut args = vec![
+        "--max-connections",
+        "1000",
+        "--max-connections-per-peer",
+        "1000",
+        "--max-in-flight",
+        "1000",
+    ];
+    args.extend_from_slice(extra);
+    scaler(&args).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_requests_for_a_hundred_boxes_give_exactly_a_hundred() {
-    // 500 requests at once from one address: room for all of them (this is about claims, not
-    // about the listener's limits, which `binary_hostile` covers).
-    let scaler = Arc::new(
-        scaler(&[
-            "--max-connections",
-            "1000",
-            "--max-connections-per-peer",
-            "1000",
-            "--max-in-flight",
-            "1000",
-        ])
-        .await,
-    );
+    let scaler = Arc::new(roomy_scaler(&[]).await);
     let region = Region::create(&scaler.db, 0, true).await;
     let hosts = region
         .active_hosts(&scaler.db, 10, 10, &region.image_id)
@@ -91,19 +94,7 @@ async fn five_hundred_requests_for_a_hundred_boxes_give_exactly_a_hundred() {
 /// true refusal, never `NO_INSTANCE_AVAILABLE` because of the user's own requests in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_user_at_once_gets_the_limit_and_every_other_answer_says_so() {
-    let scaler = Arc::new(
-        scaler(&[
-            "--max-connections",
-            "1000",
-            "--max-connections-per-peer",
-            "1000",
-            "--max-in-flight",
-            "1000",
-            "--assign-burst-per-user",
-            "1000",
-        ])
-        .await,
-    );
+    let scaler = Arc::new(roomy_scaler(&["--assign-burst-per-user", "1000"]).await);
     let region = Region::create(&scaler.db, 0, true).await;
     region
         .active_hosts(&scaler.db, 4, 5, &region.image_id)
