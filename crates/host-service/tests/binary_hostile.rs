@@ -30,9 +30,11 @@ const ATTACKER: [u8; 4] = [127, 0, 0, 2];
 
 /// The binary of a prepared host, running with tight limits, and what a client needs to reach it.
 struct Binary {
+    /// Dropped first (fields drop in order): a binary still running while the host's
+    /// containers and rows are cleaned up would make new zygotes that nothing removes.
+    _process: ServiceProcess,
     host: Host,
     tls: Arc<rustls::ClientConfig>,
-    _process: ServiceProcess,
 }
 
 impl Binary {
@@ -71,9 +73,9 @@ impl Binary {
         host.wait_for_zygotes(capacity as usize).await;
         let tls = whist_serve::pinned::client_config(&fingerprint).expect("fingerprint");
         Self {
+            _process: process,
             host,
             tls: Arc::new(tls),
-            _process: process,
         }
     }
 
