@@ -159,14 +159,7 @@ async fn assignments(
 ) -> anyhow::Result<()> {
     println!("== assignments, the engine {mode}");
     let db = stack.info().client();
-    let api = start(
-        stack.info(),
-        issuer,
-        cloud,
-        &["--api-only", "--assign-burst-per-user", "1000000"],
-        None,
-    )
-    .await?;
+    let api = api_replica(stack, issuer, cloud).await?;
     for clients in [32usize, 128] {
         let region = format!("bench-claim-{clients}-{}", uuid::Uuid::new_v4().simple());
         let boxes = fleet(&db, &region, 200, 12).await?;
@@ -232,6 +225,22 @@ async fn claim_load(db: &HasuraClient, boxes: &[MandelboxId], clients: usize) ->
         })
         .collect();
     LoadReport::gather(tasks, started).await
+}
+
+/// An API-only replica whose per-user allowance never gets in the measurement's way.
+async fn api_replica(
+    stack: &Stack,
+    issuer: &TestIssuer,
+    cloud: Arc<Ec2Hosts>,
+) -> anyhow::Result<Running> {
+    start(
+        stack.info(),
+        issuer,
+        cloud,
+        &["--api-only", "--assign-burst-per-user", "1000000"],
+        None,
+    )
+    .await
 }
 
 async fn start(
@@ -395,14 +404,7 @@ async fn soak(stack: &Stack, issuer: &Arc<TestIssuer>, cloud: Arc<Ec2Hosts>) -> 
         "== soak: {SOAK_ASSIGNS} assigns over {SOAK_REGIONS} regions, sessions ending as they come"
     );
     let db = stack.info().client();
-    let api = start(
-        stack.info(),
-        issuer,
-        cloud,
-        &["--api-only", "--assign-burst-per-user", "1000000"],
-        None,
-    )
-    .await?;
+    let api = api_replica(stack, issuer, cloud).await?;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let mut regions = Vec::new();
     for n in 0..SOAK_REGIONS {

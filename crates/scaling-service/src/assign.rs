@@ -11,10 +11,6 @@ use whist_dbclient::ops::{self, AssignAttempt, AssignDecision};
 use whist_dbclient::{DbError, HasuraClient};
 use whist_types::{Environment, MandelboxId};
 
-/// The commit hash a developer's client sends; the local environment takes any commit as the
-/// region's, other environments compare it like any other.
-pub const LOCAL_DEV_COMMIT: &str = "local_dev";
-
 /// Regions of one request the database looks at (the first ones, each once); no client asks
 /// for more, and a ledger row stays small whatever a caller sends.
 pub const MAX_REGIONS: usize = 32;

@@ -84,12 +84,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Splits a request into what is read at once (method, headers) and its body, which is read
-/// only once the caller is known: a stranger's megabytes cost this service nothing.
-fn split(request: Request) -> (Method, HeaderMap, Request) {
-    (request.method().clone(), request.headers().clone(), request)
-}
-
 /// The body (within [`DefaultBodyLimit`]: 413 past it).
 async fn read_body(request: Request) -> Result<Bytes, ApiError> {
     Bytes::from_request(request, &())
@@ -105,9 +99,8 @@ async fn read_body(request: Request) -> Result<Bytes, ApiError> {
 
 async fn assign(State(state): State<AppState>, request: Request) -> Response {
     let started = Instant::now();
-    let (method, headers, request) = split(request);
-    let result = match method {
-        Method::POST => handle_assign(&state, &headers, request).await,
+    let result = match request.method().clone() {
+        Method::POST => handle_assign(&state, request).await,
         other => Err(ApiError::Method(other, "POST, OPTIONS")),
     };
     let (outcome, response) = match result {
@@ -141,12 +134,13 @@ async fn assign(State(state): State<AppState>, request: Request) -> Response {
     response
 }
 
+/// The caller first (token, then its allowance), then the body: a stranger's megabytes cost
+/// this service nothing.
 async fn handle_assign(
     state: &AppState,
-    headers: &HeaderMap,
     request: Request,
 ) -> Result<crate::assign::Assignment, ApiError> {
-    let caller = caller(state, headers).await?;
+    let caller = caller(state, request.headers()).await?;
     if let Some(subject) = &caller
         && !state.limiter.allow(subject)
     {
@@ -199,9 +193,8 @@ struct TransportBody {
 }
 
 async fn json_transport(State(state): State<AppState>, request: Request) -> Response {
-    let (method, headers, request) = split(request);
-    match method {
-        Method::PUT => match proxy_transport(&state, &headers, request).await {
+    match request.method().clone() {
+        Method::PUT => match proxy_transport(&state, request).await {
             Ok(response) => response,
             Err(error) => error.into_response(),
         },
@@ -211,12 +204,10 @@ async fn json_transport(State(state): State<AppState>, request: Request) -> Resp
 
 /// Forwards the caller's `json_transport` to the host of the caller's own mandelbox, and only
 /// there; the host's status and body come back unchanged.
-async fn proxy_transport(
-    state: &AppState,
-    headers: &HeaderMap,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let caller = caller(state, headers).await?;
+async fn proxy_transport(state: &AppState, request: Request) -> Result<Response, ApiError> {
+    let caller = caller(state, request.headers()).await?;
+    // Forwarded as it came, so the host checks the same token.
+    let authorization = request.headers().get(header::AUTHORIZATION).cloned();
     let body = read_body(request).await?;
     let parsed: TransportBody = whist_serve::json_object(&body)
         .map_err(|error| ApiError::Body(format!("malformed body: {error}")))?;
@@ -261,7 +252,7 @@ async fn proxy_transport(
         .put(url)
         .header(header::CONTENT_TYPE, "application/json")
         .body(body);
-    if let Some(authorization) = headers.get(header::AUTHORIZATION) {
+    if let Some(authorization) = authorization {
         request = request.header(header::AUTHORIZATION, authorization);
     }
     let response = request.send().await.map_err(|error| {

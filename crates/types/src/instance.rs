@@ -57,13 +57,18 @@ pub struct Instance {
 impl Instance {
     /// The host's address without any `inet` prefix length, if it has a usable one.
     pub fn ip(&self) -> Option<std::net::IpAddr> {
-        let text = self.ip_addr.as_deref()?;
-        let address = text.split_once('/').map_or(text, |(address, _)| address);
-        address
-            .parse()
-            .ok()
-            .filter(|ip: &std::net::IpAddr| !ip.is_unspecified())
+        host_address(self.ip_addr.as_deref()?)
     }
+}
+
+/// A host address from Postgres `inet` text (`10.0.0.5` or `10.0.0.5/32`), if it is a usable
+/// one (not unspecified).
+pub fn host_address(inet: &str) -> Option<std::net::IpAddr> {
+    let address = inet.split_once('/').map_or(inet, |(address, _)| address);
+    address
+        .parse()
+        .ok()
+        .filter(|ip: &std::net::IpAddr| !ip.is_unspecified())
 }
 
 /// What the scaling-service writes when it launches a host (the row starts in PRE_CONNECTION).

@@ -17,7 +17,9 @@ pub use capacity::{InstanceTypeSpec, capacity_of, instance_type_spec};
 pub use commit::same_commit;
 pub use config::{DesktopAppVersion, Environment, FleetSettings, RegionConfig};
 pub use image::Image;
-pub use instance::{Instance, InstanceStatus, InstanceWithMandelboxes, NewInstance, PROVIDER_AWS};
+pub use instance::{
+    Instance, InstanceStatus, InstanceWithMandelboxes, NewInstance, PROVIDER_AWS, host_address,
+};
 pub use mandelbox::{Mandelbox, MandelboxId, MandelboxStatus, NewMandelbox};
 pub use status::UnknownStatus;
 pub use upgrade::{ImageUpgrade, Lease, UpgradeStatus};

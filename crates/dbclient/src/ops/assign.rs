@@ -38,9 +38,7 @@ pub struct AssignDecision {
 impl AssignDecision {
     /// The host's address without an inet prefix length.
     pub fn ip(&self) -> Option<std::net::IpAddr> {
-        let text = self.ip_addr.as_deref()?;
-        let address = text.split_once('/').map_or(text, |(address, _)| address);
-        address.parse().ok()
+        whist_types::host_address(self.ip_addr.as_deref()?)
     }
 }
 
