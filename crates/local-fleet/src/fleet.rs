@@ -11,11 +11,12 @@ use futures::FutureExt;
 use host_service::mandelbox::labels;
 use host_service::runtime::ContainerRuntime;
 use host_service::runtime::docker::DockerRuntime;
-use scaling_service::hosts::local::{ExitHook, LocalHosts, LocalHostsOptions};
 use tokio_util::sync::CancellationToken;
 use whist_dbclient::{HasuraClient, ops};
 use whist_test_support::{Stack, StackOptions};
 use whist_types::MandelboxStatus;
+
+use crate::hosts::{ExitHook, LocalHosts, LocalHostsOptions};
 
 /// How the local fleet runs.
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! everything listens once a mandelbox can be assigned, and on Ctrl-C stop all of it.
 
 mod fleet;
+mod hosts;
 mod prerequisites;
 
 use std::net::{Ipv4Addr, SocketAddr};

@@ -1,6 +1,10 @@
 //! A cloud made of processes, for development: every "machine" is a host-service process on this
 //! computer with an instance id, a loopback address, a data directory and a log of its own.
 //!
+//! It lives in `local-fleet` rather than in the scaling-service because only the local fleet runs
+//! it: the scaling-service ships with EC2 alone and only provides the [`HostHandler`] trait this
+//! implements, so a process supervisor (and its dependency on signals) stays out of production.
+//!
 //! Each host listens on its own address (127.0.1.1, 127.0.1.2, …) on the production ports, so the
 //! assign and `json_transport` paths are the ones a real fleet takes. Hosts register through the
 //! normal PRE_CONNECTION → ACTIVE path. Terminating a host sends SIGTERM (the host drains, as
@@ -22,13 +26,15 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 
-use super::{CloudHost, CloudState, Described, HostError, HostHandler, LaunchRequest};
+use scaling_service::hosts::{
+    CloudHost, CloudState, Described, HostError, HostHandler, LaunchRequest,
+};
 
 /// Runs after a host process has exited, with its instance id: removes what it left behind.
 pub type ExitHook = Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// The port hosts serve `json_transport` on (the scaling-service's proxy only knows this one).
-const TRANSPORT_PORT: u16 = crate::http::HOST_TRANSPORT_PORT;
+const TRANSPORT_PORT: u16 = scaling_service::http::HOST_TRANSPORT_PORT;
 /// The port of each host's `/healthz`, `/readyz` and `/metrics`.
 pub const OPS_PORT: u16 = 4679;
 
