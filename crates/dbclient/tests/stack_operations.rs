@@ -165,6 +165,28 @@ async fn an_instance_with_mandelboxes_is_read_as_one_and_deleted_as_one() {
 }
 
 #[tokio::test]
+async fn a_mandelbox_is_read_with_its_instance() {
+    let client = client();
+    let (instances, boxes) = active_fleet(&client, &unique("region"), 1, 1).await;
+    let read = client
+        .execute(&ops::mandelboxes::mandelbox_with_instance(boxes[0]))
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(read.mandelbox.id, boxes[0]);
+    assert_eq!(read.instance.id, instances[0]);
+    assert_eq!(
+        client
+            .execute(&ops::mandelboxes::mandelbox_with_instance(
+                MandelboxId::new_random()
+            ))
+            .await
+            .expect("read"),
+        None
+    );
+}
+
+#[tokio::test]
 async fn draining_an_idle_instance_is_refused_once_someone_is_assigned() {
     let client = client();
     let (instances, boxes) = active_fleet(&client, &unique("region"), 2, 2).await;

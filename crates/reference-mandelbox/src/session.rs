@@ -7,7 +7,7 @@
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, OnceLock};
@@ -88,6 +88,8 @@ enum Event {
     Connected,
     /// A client sent `END` and has been answered.
     End,
+    /// Something was created or moved into the resource directory (see [`watch_resource_dir`]).
+    DirectoryChanged,
 }
 
 /// State shared with the listener threads.
@@ -197,9 +199,14 @@ impl Session {
         // Set when ready and the timeout is finite; a zygote (not ready) never times out.
         let mut deadline: Option<Instant> = None;
         let mut holding = false;
+        // Without a watch (no inotify) the poll alone finds `config.json`, one poll late at most.
+        if let Err(error) = watch_resource_dir(dir, &self.shared) {
+            eprintln!("not watching {}: {error}; polling only", dir.display());
+        }
         loop {
             match self.events.recv_timeout(self.config.poll) {
                 Ok(Event::End) => return Ok(Ended::ByClient),
+                Ok(Event::DirectoryChanged) => {}
                 Ok(Event::Connected) => {
                     if deadline.is_some() {
                         deadline = self.params.timeout.map(|t| Instant::now() + t);
@@ -241,6 +248,38 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Wakes the session loop as soon as a file is created or moved into `dir`, so `config.json`
+/// (which the host renames into place) is seen at once rather than at the next poll: the poll
+/// would add half its period to every session start. The thread ends at the first event after
+/// the session is ready or stopped, or when the directory is removed.
+fn watch_resource_dir(dir: &Path, shared: &Shared) -> nix::Result<()> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    // Blocking reads: the thread sleeps in the kernel until the directory changes.
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC)?;
+    inotify.add_watch(
+        dir,
+        AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
+    )?;
+    let shared = shared.clone();
+    thread::spawn(move || {
+        loop {
+            let events = match inotify.read_events() {
+                Ok(events) => events,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            };
+            let removed = events
+                .iter()
+                .any(|event| event.mask.contains(AddWatchFlags::IN_IGNORED));
+            let done = shared.stop.load(Ordering::Relaxed) || shared.ready.get().is_some();
+            if removed || done || shared.events.send(Event::DirectoryChanged).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
 }
 
 fn local_addr(addr: io::Result<SocketAddr>) -> Result<SocketAddr, Failure> {
@@ -481,6 +520,34 @@ mod tests {
         request(running.tcp(32261), "END\n");
         let ended = running.done.recv_timeout(WAIT).expect("ended");
         assert_eq!(ended.expect("normal end"), Ended::ByClient);
+    }
+
+    #[test]
+    fn config_json_is_seen_at_once_not_at_the_next_poll() {
+        let dir = TempDir::new("watch");
+        write_params(dir.path(), "3", "-1");
+        mark_params_ready(dir.path());
+        // A poll far longer than the wait below: only the directory watch can be this quick.
+        let slow = Config {
+            poll: Duration::from_secs(30),
+            ..config(dir.path())
+        };
+        let session = Session::start(slow).expect("session starts");
+        thread::spawn(move || session.run());
+        thread::sleep(Duration::from_millis(100));
+        // As the host writes it: a temporary name renamed into place.
+        let temporary = dir.path().join(".config.json.tmp");
+        fs::write(&temporary, "{}").expect("write");
+        fs::rename(&temporary, dir.path().join(CONFIG_JSON)).expect("rename");
+        let readiness = dir.path().join(READINESS_FILE);
+        let started = Instant::now();
+        while !readiness.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "config.json was not seen until the next poll"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - from the database write that drops a region below its target to the launch call reaching the
 //!   cloud (EC2 API from moto on loopback).
 //!
-//! `decide` alone is measured by `decide_bench`.
+//! `decide` alone is measured by `decide_bench`. `WHIST_BENCH_POLLING_ONLY=1` runs the polling
+//! half of the assign figures only.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -56,6 +57,10 @@ async fn main() -> anyhow::Result<()> {
             "polling every second, no NOTIFY (as Hasura)",
         )
         .await?;
+    }
+    // `WHIST_BENCH_POLLING_ONLY=1` stops here: the Hasura-like half alone, for quick comparisons.
+    if std::env::var_os("WHIST_BENCH_POLLING_ONLY").is_some() {
+        return Ok(());
     }
     let stack = Stack::start(&StackOptions::default())?;
     let db = stack.info().client();

@@ -37,14 +37,7 @@ const RECONCILE_RETRY: Duration = Duration::from_secs(5);
 const CAPACITY_SHORTAGE_MEMORY: chrono::Duration = chrono::Duration::minutes(5);
 
 /// Settings used until the database's row has been read.
-const DEFAULT_SETTINGS: FleetSettings = FleetSettings {
-    mandelbox_limit_per_user: 3,
-    scale_up_cooldown_seconds: 60,
-    scale_down_cooldown_seconds: 300,
-    scale_down_delay_seconds: 600,
-    heartbeat_timeout_seconds: 180,
-    instance_ready_timeout_seconds: 900,
-};
+const DEFAULT_SETTINGS: FleetSettings = FleetSettings::DEFAULT;
 
 /// What a finished task of the controller reports.
 enum Report {

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use whist_auth::{AuthError, JwtVerifier, bearer_token};
 use whist_dbclient::{HasuraClient, ops};
 use whist_serve::PerCallerLimit;
-use whist_types::MandelboxId;
+use whist_types::{MandelboxId, MandelboxWithInstance};
 
 use crate::assign::{AssignError, AssignRequest, Assigner};
 use crate::fleet::FleetView;
@@ -217,9 +217,13 @@ async fn proxy_transport(state: &AppState, request: Request) -> Result<Response,
             parsed.mandelbox_id
         ))
     })?;
-    let mandelbox = state
+    // The box and its host in one read: this is on every session start's path.
+    let MandelboxWithInstance {
+        mandelbox,
+        instance,
+    } = state
         .db
-        .execute(&ops::mandelbox_by_id(id))
+        .execute(&ops::mandelbox_with_instance(id))
         .await
         .map_err(|error| ApiError::Unavailable(error.to_string()))?
         .ok_or(ApiError::UnknownMandelbox)?;
@@ -228,12 +232,6 @@ async fn proxy_transport(state: &AppState, request: Request) -> Result<Response,
     {
         return Err(ApiError::NotYours);
     }
-    let instance = state
-        .db
-        .execute(&ops::instance_by_id(&mandelbox.instance_id))
-        .await
-        .map_err(|error| ApiError::Unavailable(error.to_string()))?
-        .ok_or(ApiError::UnknownMandelbox)?;
     let ip = instance
         .ip()
         .filter(|ip| routable_host(*ip))

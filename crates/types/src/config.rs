@@ -24,6 +24,20 @@ pub struct FleetSettings {
     pub instance_ready_timeout_seconds: i32,
 }
 
+impl FleetSettings {
+    /// The settings a fresh database starts with: the column defaults of `config.settings`
+    /// (migration `1763856000001_fleet_config`), which the triggers fall back to as well. The
+    /// scaling-service uses them until it has read the row.
+    pub const DEFAULT: Self = Self {
+        mandelbox_limit_per_user: 3,
+        scale_up_cooldown_seconds: 60,
+        scale_down_cooldown_seconds: 300,
+        scale_down_delay_seconds: 600,
+        heartbeat_timeout_seconds: 180,
+        instance_ready_timeout_seconds: 900,
+    };
+}
+
 /// The deployment environment, which picks the commit hash an image upgrade waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Environment {

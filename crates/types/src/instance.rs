@@ -95,6 +95,15 @@ pub struct InstanceWithMandelboxes {
     pub mandelboxes: Vec<Mandelbox>,
 }
 
+/// A mandelbox together with the instance it runs on, as the nested `instance` relationship
+/// returns (one read where a box's host is needed, e.g. to reach it).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MandelboxWithInstance {
+    #[serde(flatten)]
+    pub mandelbox: Mandelbox,
+    pub instance: Instance,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

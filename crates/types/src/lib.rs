@@ -18,7 +18,8 @@ pub use commit::same_commit;
 pub use config::{DesktopAppVersion, Environment, FleetSettings, RegionConfig};
 pub use image::Image;
 pub use instance::{
-    Instance, InstanceStatus, InstanceWithMandelboxes, NewInstance, PROVIDER_AWS, host_address,
+    Instance, InstanceStatus, InstanceWithMandelboxes, MandelboxWithInstance, NewInstance,
+    PROVIDER_AWS, host_address,
 };
 pub use mandelbox::{Mandelbox, MandelboxId, MandelboxStatus, NewMandelbox};
 pub use status::UnknownStatus;

@@ -171,14 +171,7 @@ mod tests {
     use crate::ops::testing::assert_well_formed;
 
     fn settings() -> FleetSettings {
-        FleetSettings {
-            mandelbox_limit_per_user: 3,
-            scale_up_cooldown_seconds: 60,
-            scale_down_cooldown_seconds: 300,
-            scale_down_delay_seconds: 600,
-            heartbeat_timeout_seconds: 180,
-            instance_ready_timeout_seconds: 900,
-        }
+        FleetSettings::DEFAULT
     }
 
     #[test]

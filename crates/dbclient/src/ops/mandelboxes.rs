@@ -2,9 +2,9 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use whist_types::{Mandelbox, MandelboxId, MandelboxStatus, NewMandelbox};
+use whist_types::{Mandelbox, MandelboxId, MandelboxStatus, MandelboxWithInstance, NewMandelbox};
 
-use super::mandelbox_fields;
+use super::{instance_fields, mandelbox_fields};
 use crate::Operation;
 use crate::operation::{affected_rows, field, returning_one};
 
@@ -19,6 +19,24 @@ pub fn mandelbox_by_id(id: MandelboxId) -> Operation<Option<Mandelbox>> {
     Operation::new(
         "MandelboxById",
         MANDELBOX_BY_ID,
+        json!({ "id": id }),
+        field("whist_mandelboxes_by_pk"),
+    )
+}
+
+const MANDELBOX_WITH_INSTANCE: &str = concat!(
+    "query MandelboxWithInstance($id: String!) { whist_mandelboxes_by_pk(id: $id) { ",
+    mandelbox_fields!(),
+    " instance { ",
+    instance_fields!(),
+    " } } }"
+);
+
+/// One mandelbox and the instance it runs on, in one read.
+pub fn mandelbox_with_instance(id: MandelboxId) -> Operation<Option<MandelboxWithInstance>> {
+    Operation::new(
+        "MandelboxWithInstance",
+        MANDELBOX_WITH_INSTANCE,
         json!({ "id": id }),
         field("whist_mandelboxes_by_pk"),
     )

@@ -19,9 +19,10 @@ mod upkeep;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use whist_dbclient::{HasuraClient, LiveOptions, Subscription, live};
 use whist_types::{Instance, Mandelbox, MandelboxId};

@@ -235,7 +235,7 @@ impl Agent {
                 // The row was claimed between its insert and our hearing of it: accept once the
                 // zygote's report arrives, which the next resync does at the latest.
                 tracked.phase = Phase::Creating;
-                self.resync_due = std::time::Instant::now();
+                self.resync_due = tokio::time::Instant::now();
             }
             other => tracked.phase = other,
         }
@@ -310,7 +310,7 @@ impl Agent {
                 if let Some(request) = pending {
                     request.answer(Err(TransportError::Unavailable));
                 }
-                self.resync_due = std::time::Instant::now();
+                self.resync_due = tokio::time::Instant::now();
             }
         }
     }

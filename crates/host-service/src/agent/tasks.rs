@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use whist_dbclient::{DbError, HasuraClient, ops};
 use whist_types::{InstanceWithMandelboxes, Mandelbox, MandelboxId, MandelboxStatus, NewMandelbox};

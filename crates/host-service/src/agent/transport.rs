@@ -1,9 +1,10 @@
 //! A client's `json_transport` on its way through the agent, and every answer it can get.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use whist_types::MandelboxId;
 
 use crate::resources::HostPorts;

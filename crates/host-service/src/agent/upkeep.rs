@@ -2,8 +2,9 @@
 //! repairs whatever events missed, and the drain.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use whist_types::{InstanceStatus, MandelboxId, MandelboxStatus};
 

@@ -95,20 +95,37 @@ fn is_json_object(bytes: &[u8]) -> bool {
 }
 
 /// Waits until the box writes its readiness file. `false` when `timeout` passes first.
+///
+/// The first look is at once, then after 1 ms, each pause twice the last up to
+/// [`LONGEST_READY_PAUSE`]: a box that is ready within milliseconds of its configuration (the
+/// usual case) is seen within about as long, and one that takes seconds costs a `stat` every
+/// 16 ms rather than every few. The look is a plain `stat` on the calling worker (microseconds
+/// on a local directory), so it needs no blocking pool and follows tokio's clock in tests.
 pub async fn wait_for_ready(dir: &Path, timeout: Duration) -> bool {
+    use backon::{ExponentialBuilder, Retryable as _};
     let path = dir.join(READY);
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-            return true;
+    let look = || async {
+        if path.try_exists().unwrap_or(false) {
+            Ok(())
+        } else {
+            Err(NotYet)
         }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        // A stat every 5 ms costs nothing and keeps the reply within 5 ms of readiness.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    };
+    let pauses = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(1))
+        .with_max_delay(LONGEST_READY_PAUSE)
+        .without_max_times();
+    tokio::time::timeout(timeout, look.retry(pauses).sleep(tokio::time::sleep))
+        .await
+        .is_ok()
 }
+
+/// The longest pause between two looks for the readiness file.
+pub const LONGEST_READY_PAUSE: Duration = Duration::from_millis(16);
+
+/// The readiness file is not there yet.
+#[derive(Debug)]
+struct NotYet;
 
 fn write_file(dir: &Path, name: &str, contents: &[u8]) -> std::io::Result<()> {
     let temporary = dir.join(format!(".{name}.tmp"));
@@ -219,5 +236,29 @@ mod tests {
         };
         assert!(wait_for_ready(&dir, Duration::from_secs(5)).await);
         writer.await.expect("writer");
+    }
+
+    /// On tokio's clock: a file that comes late is seen within the longest pause of it.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_box_is_seen_within_the_longest_pause() {
+        let dir = temp_dir("late");
+        let started = tokio::time::Instant::now();
+        let writer = {
+            let dir = dir.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                std::fs::write(dir.join(READY), "done").expect("write");
+            })
+        };
+        assert!(wait_for_ready(&dir, Duration::from_secs(20)).await);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(3), "{waited:?}");
+        assert!(
+            waited <= Duration::from_secs(3) + LONGEST_READY_PAUSE,
+            "{waited:?}"
+        );
+        writer.await.expect("writer");
+        assert!(!wait_for_ready(&temp_dir("never"), Duration::from_secs(20)).await);
+        assert!(started.elapsed() >= Duration::from_secs(23));
     }
 }

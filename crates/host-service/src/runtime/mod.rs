@@ -1,9 +1,14 @@
 //! The container runtime as the agent sees it: domain types in and out, no Docker types.
 //!
 //! [`docker::DockerRuntime`] is the implementation (bollard over the engine's unix socket); it is
-//! the only module that imports bollard.
+//! the only module that imports bollard. [`fake::FakeRuntime`] is an in-memory engine for tests,
+//! held to the same [`conformance`] cases as Docker.
 
+#[cfg(any(test, feature = "fake"))]
+pub mod conformance;
 pub mod docker;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,5 +1,5 @@
-//! Cloud machines behind the [`HostHandler`] trait: EC2 (`ec2.rs`, the only module that imports
-//! the AWS SDK) and host-service processes on this computer for development (`local.rs`).
+//! Cloud machines behind the [`HostHandler`] trait: EC2 (`ec2/`, the only module that imports
+//! the AWS SDK); the local fleet's host-service processes implement it in `local-fleet`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -7,8 +7,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
+#[cfg(any(test, feature = "fake"))]
+pub mod conformance;
 pub mod ec2;
-pub mod local;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 
 /// Hosts to launch in one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
