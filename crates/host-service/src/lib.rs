@@ -1,7 +1,8 @@
 //! The per-host agent: registers the host, keeps pre-warmed mandelboxes, runs sessions and drains.
 //!
-//! [`start`] brings the service up in order (identity, registration, resources, adoption of what
-//! an earlier run left, listeners, the [`agent`]) and returns a [`Running`] service; its
+//! [`start`] brings the service up in order (listeners, identity, registration, resources,
+//! adoption of what an earlier run left: the steps in `startup.rs`, then the [`agent`] and the
+//! servers) and returns a [`Running`] service; its
 //! [`Running::wait`] resolves after the drain with the [`Exit`] to report. `main.rs` only parses
 //! configuration, wires signals to the shutdown token and turns the `Exit` into a process code.
 
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod registration;
 pub mod resources;
 pub mod runtime;
+mod startup;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,18 +29,11 @@ use tracing::Instrument;
 use whist_dbclient::{HasuraClient, LiveOptions};
 
 use crate::agent::{AgentParts, DrainReport};
-use crate::config::{Config, IdentitySource};
+use crate::config::Config;
 use crate::http::routes::{AppState, ops_router, transport_router};
-use crate::mandelbox::spec::HostFeatures;
 use crate::metadata::HostIdentity;
 use crate::metrics::Metrics;
 use crate::registration::Registration;
-use crate::resources::gpus::{GpuSlots, MANDELBOXES_PER_GPU, discover_gpus};
-use crate::resources::ports::PortAllocator;
-use crate::resources::ttys::TtyAllocator;
-use crate::runtime::ContainerRuntime;
-use crate::runtime::docker::DockerRuntime;
-use whist_auth::JwtVerifier;
 
 /// How the process ends; each has its own exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,31 +101,17 @@ pub struct StartOptions {
 }
 
 /// Starts the service. `shutdown` begins a drain when cancelled.
+///
+/// Each step of the way up is a function of [`startup`], in the order they run here; what is
+/// left in this function is the wiring of what they made.
 pub async fn start(
     config: Config,
     options: StartOptions,
     shutdown: CancellationToken,
 ) -> Result<Running, Exit> {
     let config = Arc::new(config);
-    let transport_listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|error| startup(format!("listen on {}: {error}", config.listen)))?;
-    let ops_listener = TcpListener::bind(config.ops_listen)
-        .await
-        .map_err(|error| startup(format!("listen on {}: {error}", config.ops_listen)))?;
-    let transport_addr = transport_listener
-        .local_addr()
-        .map_err(|e| startup(e.to_string()))?;
-    let ops_addr = ops_listener
-        .local_addr()
-        .map_err(|e| startup(e.to_string()))?;
-
-    let identity = match &config.identity {
-        IdentitySource::Local(identity) => identity.clone(),
-        IdentitySource::Imds(endpoint) => metadata::from_imds(endpoint)
-            .await
-            .map_err(|error| startup(format!("read instance metadata: {error}")))?,
-    };
+    let listeners = startup::Listeners::bind(&config).await?;
+    let identity = startup::identify(&config).await?;
     let span = tracing::info_span!("host", instance.id = %identity.instance_id);
     tracing::info!(
         instance.name = identity.name.as_deref().unwrap_or("-"),
@@ -141,101 +122,18 @@ pub async fn start(
     );
 
     let db = HasuraClient::new(config.hasura.clone());
-    let docker = DockerRuntime::connect(&config.docker_socket)
-        .await
-        .map_err(|error| {
-            startup(format!(
-                "connect to Docker at {}: {error}",
-                config.docker_socket.display()
-            ))
-        })?;
-    let runtime: Arc<dyn ContainerRuntime> = Arc::new(docker);
-
+    let runtime = startup::connect_docker(&config).await?;
     // The certificate comes first: registration publishes its fingerprint, the only one the
     // scaling-service's proxy will accept from this host.
-    let tls = http::tls::self_signed(&subject_alt_names(&identity))
-        .map_err(|error| startup(format!("make the TLS certificate: {error}")))?;
-    let registration = registration::register_waiting_for_row(
-        &db,
-        &identity,
-        &config.host_commit,
-        &http::tls::fingerprint(&tls.certificate_der),
-        config.timeouts.registration_wait,
-    )
-    .await
-    .map_err(|error| match error {
-        registration::RegistrationError::Database(error) => {
-            startup(format!("read the instance row: {error}"))
-        }
-        other => Exit::RegistrationRefused(other.to_string()),
-    })?;
-    match &registration {
-        Registration::Registered(_) => tracing::info!("registered; instance is ACTIVE"),
-        Registration::Resumed(_) => {
-            tracing::info!("instance already ACTIVE as this host; resuming")
-        }
-        Registration::Draining(_) => tracing::info!("instance is DRAINING; draining at once"),
-    }
-
-    let features = HostFeatures::detect();
-    let features = if features.apparmor {
-        match apparmor::load_profile().await {
-            Ok(()) => features,
-            Err(error) => {
-                tracing::warn!(%error, "AppArmor profile not loaded; mandelboxes run without it");
-                HostFeatures {
-                    apparmor: false,
-                    ..features
-                }
-            }
-        }
-    } else {
-        features
-    };
-    for dir in [&config.mandelbox.whist_dir, &config.mandelbox.temp_dir] {
-        std::fs::create_dir_all(dir)
-            .map_err(|error| startup(format!("create {}: {error}", dir.display())))?;
-    }
-
-    let gpus = options
-        .gpus
-        .clone()
-        .unwrap_or_else(|| discover_gpus(config.gpu));
-    let mut gpu_slots = GpuSlots::for_gpus(gpus.gpus(), MANDELBOXES_PER_GPU);
-    let mut ports = PortAllocator::new(
-        PortAllocator::default_range(),
-        [config.listen.port(), config.ops_listen.port()],
-    );
-    let mut ttys = TtyAllocator::default();
+    let tls = http::tls::self_signed(&startup::subject_alt_names(&identity))
+        .map_err(|error| startup::failed(format!("make the TLS certificate: {error}")))?;
+    let registration = startup::register(&db, &identity, &config, &tls.certificate_der).await?;
+    let features = startup::host_features().await;
+    startup::create_directories(&config)?;
+    let mut resources = startup::Resources::new(&config, &options);
     let instance = registration.instance().clone();
-    let adopted = agent::adopt::reconcile(
-        &db,
-        runtime.as_ref(),
-        &instance.id,
-        &config.mandelbox,
-        agent::adopt::Allocators {
-            ports: &mut ports,
-            ttys: &mut ttys,
-            gpus: &mut gpu_slots,
-        },
-        config.timeouts.stop_grace,
-    )
-    .await
-    .map_err(|error| startup(format!("reconcile with an earlier run: {error}")))?;
-    if !adopted.is_empty() {
-        tracing::info!(
-            count = adopted.len(),
-            "adopted mandelboxes of an earlier run"
-        );
-    }
-
-    let verifier = config
-        .auth
-        .clone()
-        .map(|auth| JwtVerifier::new(auth, reqwest::Client::new()));
-    if verifier.is_none() {
-        tracing::warn!("no token issuer configured: json_transport does not check callers");
-    }
+    let adopted = startup::adopt(&db, runtime.as_ref(), &instance, &config, &mut resources).await?;
+    let verifier = startup::verifier(&config);
 
     let metrics = Arc::new(Metrics::new());
     let agent_shutdown = shutdown.child_token();
@@ -248,9 +146,9 @@ pub async fn start(
             db: db.clone(),
             runtime,
             features,
-            ports,
-            ttys,
-            gpus: gpu_slots,
+            ports: resources.ports,
+            ttys: resources.ttys,
+            gpus: resources.gpus,
             metrics: metrics.clone(),
             adopted,
             live_options: options.live.unwrap_or_default(),
@@ -269,8 +167,9 @@ pub async fn start(
             config.transport_allowance.1,
         )),
     };
+    let (transport_addr, ops_addr) = (listeners.transport_addr, listeners.ops_addr);
     let transport_server = tokio::spawn(http::tls::serve_tls(
-        transport_listener,
+        listeners.transport,
         tls.server_config.clone(),
         transport_router(state.clone()),
         config.limits,
@@ -278,7 +177,7 @@ pub async fn start(
         Duration::from_secs(5),
     ));
     let ops_server = tokio::spawn(serve_plain(
-        ops_listener,
+        listeners.ops,
         ops_router(state),
         config.limits,
         servers_stop.clone(),
@@ -332,22 +231,6 @@ pub async fn start(
         shutdown,
         finished,
     })
-}
-
-fn startup(message: String) -> Exit {
-    Exit::StartupFailed(message)
-}
-
-/// The names clients may reach the TLS endpoint by.
-fn subject_alt_names(identity: &HostIdentity) -> Vec<String> {
-    let mut names = vec![
-        identity.public_ip.to_string(),
-        "127.0.0.1".to_owned(),
-        "::1".to_owned(),
-        "localhost".to_owned(),
-    ];
-    names.dedup();
-    names
 }
 
 async fn serve_plain(

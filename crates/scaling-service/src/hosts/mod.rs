@@ -72,6 +72,17 @@ pub enum HostError {
 }
 
 impl HostError {
+    /// The kind, in one word (for logs, labels and tests).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Throttled(_) => "throttled",
+            Self::InsufficientCapacity(_) => "capacity",
+            Self::Refused(_) => "refused",
+            Self::Timeout(..) => "timeout",
+            Self::Failed(_) => "failed",
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,

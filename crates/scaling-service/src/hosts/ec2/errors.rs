@@ -162,18 +162,8 @@ pub fn classify(code: Option<&str>, status: Option<u16>, detail: String) -> Host
 mod tests {
     use super::*;
 
-    fn kind(error: &HostError) -> &'static str {
-        match error {
-            HostError::Throttled(_) => "throttled",
-            HostError::InsufficientCapacity(_) => "capacity",
-            HostError::Refused(_) => "refused",
-            HostError::Timeout(..) => "timeout",
-            HostError::Failed(_) => "failed",
-        }
-    }
-
     fn classified(code: Option<&str>, status: Option<u16>) -> &'static str {
-        kind(&classify(code, status, "detail".to_owned()))
+        classify(code, status, "detail".to_owned()).kind()
     }
 
     #[test]

@@ -155,18 +155,6 @@ mod tests {
     use super::super::super::CloudHost;
     use super::*;
 
-    // The same reading of an error's kind as in `errors.rs`'s tests, kept here so that each
-    // test module stands on its own.
-    fn kind(error: &HostError) -> &'static str {
-        match error {
-            HostError::Throttled(_) => "throttled",
-            HostError::InsufficientCapacity(_) => "capacity",
-            HostError::Refused(_) => "refused",
-            HostError::Timeout(..) => "timeout",
-            HostError::Failed(_) => "failed",
-        }
-    }
-
     #[test]
     fn machines_that_will_never_run_are_named() {
         let host = |reason: &str| Seen {
@@ -183,17 +171,14 @@ mod tests {
             state_reason: Some(reason.to_owned()),
         };
         let error = not_running("i-1", &host("Server.InsufficientInstanceCapacity"));
-        assert_eq!(kind(&error), "capacity");
+        assert_eq!(error.kind(), "capacity");
         assert!(error.to_string().contains("i-1"), "{error}");
         assert_eq!(
-            kind(&not_running(
-                "i-1",
-                &host("Client.InvalidSnapshot.NotFound")
-            )),
+            not_running("i-1", &host("Client.InvalidSnapshot.NotFound")).kind(),
             "refused"
         );
         assert_eq!(
-            kind(&not_running("i-1", &host("Client.UserInitiatedShutdown"))),
+            not_running("i-1", &host("Client.UserInitiatedShutdown")).kind(),
             "failed"
         );
     }
