@@ -140,10 +140,6 @@ async fn only_the_throttled_call_is_retried() {
 async fn an_action_never_outlasts_its_deadline() {
     let (term, _handle) = term().await;
     let proxy = proxy();
-    proxy.set_mode(FaultMode::Throttle {
-        actions: None,
-        error: ThrottleError::RequestLimitExceeded,
-    });
     let deadline = Duration::from_secs(2);
     let executor = executor(
         &proxy.endpoint(),
@@ -152,6 +148,18 @@ async fn an_action_never_outlasts_its_deadline() {
             call_attempts: 1000,
         },
     );
+    // moto builds a region's EC2 model on its first request there, which on a slow machine
+    // takes longer than the deadline: done here, so the launch below measures the deadline
+    // and not moto's start.
+    executor
+        .hosts
+        .list(REGION, ("whist:warm-up", "none"))
+        .await
+        .expect("moto answers");
+    proxy.set_mode(FaultMode::Throttle {
+        actions: None,
+        error: ThrottleError::RequestLimitExceeded,
+    });
     let started = Instant::now();
     let outcome = executor
         .run(&term, REGION, launch(), &Fleet::default())
