@@ -167,7 +167,10 @@ fn track_idle(
         .iter()
         .filter(|instance| {
             instance.status == InstanceStatus::Active
-                && instance.remaining_capacity >= capacity_of(&instance.instance_type) as i32
+                && whist_types::is_idle(
+                    instance.remaining_capacity,
+                    capacity_of(&instance.instance_type),
+                )
         })
         .map(|instance| {
             let since = previous.get(&instance.id).copied().unwrap_or(now);

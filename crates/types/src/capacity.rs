@@ -89,9 +89,24 @@ pub fn capacity_of(instance_type: &str) -> u32 {
     instance_type_spec(instance_type).map_or(0, InstanceTypeSpec::capacity)
 }
 
+/// The one rule for "a host is idle": no user holds any of its `capacity` sessions, i.e. its
+/// remaining capacity is all of it. The scaler's view, its idle tracking and the conditional
+/// drain (`ops::drain_idle_instance`, given the same capacity) all follow it.
+pub fn is_idle(remaining: i32, capacity: u32) -> bool {
+    i64::from(remaining) >= i64::from(capacity)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_means_every_session_free() {
+        assert!(is_idle(3, 3));
+        assert!(!is_idle(2, 3));
+        assert!(!is_idle(-1, 0), "a negative count is never idle");
+        assert!(is_idle(0, 0));
+    }
 
     #[test]
     fn capacity_is_the_scarcer_of_gpu_and_cpu() {

@@ -13,7 +13,7 @@ pub mod mandelbox;
 mod status;
 pub mod upgrade;
 
-pub use capacity::{InstanceTypeSpec, capacity_of, instance_type_spec};
+pub use capacity::{InstanceTypeSpec, capacity_of, instance_type_spec, is_idle};
 pub use commit::same_commit;
 pub use config::{DesktopAppVersion, Environment, FleetSettings, RegionConfig};
 pub use image::Image;

@@ -85,7 +85,7 @@ pub struct HostView {
 impl HostView {
     /// No user holds a session on it.
     pub fn is_idle(&self) -> bool {
-        self.remaining >= 0 && self.remaining as u32 >= self.capacity
+        whist_types::is_idle(self.remaining, self.capacity)
     }
 }
 
