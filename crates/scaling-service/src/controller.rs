@@ -36,9 +36,6 @@ const RECONCILE_RETRY: Duration = Duration::from_secs(5);
 /// How long an instance type the cloud had no capacity for is skipped in a region.
 const CAPACITY_SHORTAGE_MEMORY: chrono::Duration = chrono::Duration::minutes(5);
 
-/// Settings used until the database's row has been read.
-const DEFAULT_SETTINGS: FleetSettings = FleetSettings::DEFAULT;
-
 /// What a finished task of the controller reports.
 enum Report {
     Region(String, Outcome),
@@ -442,7 +439,7 @@ impl Controller {
         self.settings
             .clone()
             .or_else(|| fleet.settings.clone())
-            .unwrap_or(DEFAULT_SETTINGS)
+            .unwrap_or(FleetSettings::DEFAULT)
     }
 
     /// The regions this controller decides for.
@@ -499,7 +496,7 @@ fn snapshot(
         .map(|instance| host_view(instance, fleet, &own))
         .collect();
     hosts.extend(memory.launched.iter().map(|(_, host)| host.clone()));
-    let settings = fleet.settings.clone().unwrap_or(DEFAULT_SETTINGS);
+    let settings = fleet.settings.clone().unwrap_or(FleetSettings::DEFAULT);
     let swapped = memory.swapped_to.as_ref().map(|(_, image)| image.clone());
     RegionSnapshot {
         region: region.to_owned(),

@@ -167,18 +167,13 @@ impl FakeHosts {
             CloudState::Running => "hosts to run",
             _ => "hosts to terminate",
         };
-        let mut first = true;
+        // Counted once, and a scripted failure fails the wait at once, as a refused call would.
+        drop(self.begin(call)?);
         loop {
             // The lock is released before the pause below.
             let waiting = {
-                let state = if first {
-                    first = false;
-                    self.begin(call)?
-                } else {
-                    let mut state = self.lock();
-                    state.observe_all();
-                    state
-                };
+                let mut state = self.lock();
+                state.observe_all();
                 let mut waiting = false;
                 for id in ids {
                     let machine = state
@@ -428,5 +423,13 @@ mod tests {
         hosts.show_in_listings();
         let listed = hosts.list("us-east-1", tag).await.expect("list");
         assert_eq!(listed.len(), 2);
+
+        // A machine terminated behind the fleet's back is reported so.
+        hosts.terminate_outside(&ids[0]);
+        let described = hosts.describe("us-east-1", &ids).await.expect("describe");
+        assert_eq!(
+            described[&ids[0]].as_ref().map(|host| host.state),
+            Some(CloudState::Terminated)
+        );
     }
 }
