@@ -73,6 +73,9 @@ impl HasuraConfig {
 pub struct HasuraClient {
     http: reqwest::Client,
     config: std::sync::Arc<HasuraConfig>,
+    /// Answers every call in process instead of the engine (tests only).
+    #[cfg(any(test, feature = "fake"))]
+    pub(crate) fake: Option<std::sync::Arc<crate::fake::FakeDatabase>>,
 }
 
 /// The GraphQL response envelope.
@@ -95,7 +98,16 @@ impl HasuraClient {
         Self {
             http,
             config: std::sync::Arc::new(config),
+            #[cfg(any(test, feature = "fake"))]
+            fake: None,
         }
+    }
+
+    /// This client, answered by `fake` instead of the engine.
+    #[cfg(any(test, feature = "fake"))]
+    pub(crate) fn with_fake(mut self, fake: std::sync::Arc<crate::fake::FakeDatabase>) -> Self {
+        self.fake = Some(fake);
+        self
     }
 
     pub fn config(&self) -> &HasuraConfig {
@@ -106,6 +118,11 @@ impl HasuraClient {
     #[tracing::instrument(level = "debug", skip_all, fields(operation = operation.name()))]
     pub async fn execute<T>(&self, operation: &Operation<T>) -> Result<T, DbError> {
         let name = operation.name();
+        #[cfg(any(test, feature = "fake"))]
+        if let Some(fake) = &self.fake {
+            let (status, body) = fake.answer(name, operation.variables()).await;
+            return decode_response(operation, status, &body);
+        }
         let mut request = self
             .http
             .post(self.config.url.clone())

@@ -9,6 +9,8 @@
 mod claim;
 mod client;
 mod error;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 pub mod live;
 mod operation;
 pub mod ops;

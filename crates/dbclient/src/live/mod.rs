@@ -145,6 +145,24 @@ impl HasuraClient {
         let (latest_tx, latest) = watch::channel(None);
         let (state_tx, state) = watch::channel(ConnectionState::Connecting { attempt: 1 });
         let stop = CancellationToken::new();
+        #[cfg(any(test, feature = "fake"))]
+        if let Some(fake) = &self.fake {
+            tokio::spawn(fake_feed(
+                fake.clone(),
+                query.clone(),
+                latest_tx,
+                state_tx,
+                stop.clone(),
+            ));
+            return Subscription {
+                name: query.name,
+                latest,
+                state,
+                differ: Differ::new(),
+                last_connection: 0,
+                _stop: stop.drop_guard(),
+            };
+        }
         let task = LiveTask {
             config: self.config().clone(),
             query: query.clone(),
@@ -160,6 +178,59 @@ impl HasuraClient {
             differ: Differ::new(),
             last_connection: 0,
             _stop: stop.drop_guard(),
+        }
+    }
+}
+
+/// A live query answered by the fake database: a full result set after every write, on one
+/// "connection" per stretch of time the fake's live queries are not cut off.
+#[cfg(any(test, feature = "fake"))]
+async fn fake_feed<T: DeserializeOwned>(
+    fake: Arc<crate::fake::FakeDatabase>,
+    query: LiveQuery<T>,
+    latest: watch::Sender<Option<Arc<Published<T>>>>,
+    state: watch::Sender<ConnectionState>,
+    stop: CancellationToken,
+) {
+    let mut versions = fake.versions();
+    let mut live = fake.live_watch();
+    let mut connection = 0_u64;
+    loop {
+        if !*live.borrow_and_update() {
+            state.send_replace(ConnectionState::Waiting {
+                attempt: 1,
+                error: "the fake database cut live queries off".to_owned(),
+            });
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = live.changed() => if changed.is_err() { return },
+            }
+            continue;
+        }
+        connection += 1;
+        loop {
+            versions.borrow_and_update();
+            let rows = fake
+                .live_rows(query.name, &query.variables)
+                .and_then(|rows| serde_json::from_value::<Vec<T>>(rows).map_err(|e| e.to_string()))
+                .unwrap_or_else(|error| panic!("{}: {error}", query.name));
+            latest.send_replace(Some(Arc::new(Published {
+                rows: Arc::new(rows),
+                connection,
+            })));
+            state.send_if_modified(|state| {
+                let changed = *state != ConnectionState::Live;
+                *state = ConnectionState::Live;
+                changed
+            });
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = versions.changed() => if changed.is_err() { return },
+                changed = live.changed() => {
+                    if changed.is_err() { return }
+                    if !*live.borrow() { break }
+                }
+            }
         }
     }
 }

@@ -14,6 +14,8 @@ pub mod adopt;
 mod events;
 mod sessions;
 pub(crate) mod tasks;
+#[cfg(test)]
+mod tests;
 pub mod transport;
 mod upkeep;
 

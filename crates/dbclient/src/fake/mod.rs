@@ -1,0 +1,338 @@
+//! An in-memory database behind [`HasuraClient`], so the agent and the executor can be tested
+//! on paused tokio time without an engine.
+//!
+//! [`FakeDatabase::client`] hands out a client whose operations never leave the process: each
+//! one is answered by name from in-memory tables, with the rules the database's triggers enforce
+//! (capacity moves when a box gains or loses its user, the per-user limit, rows stamped on state
+//! changes, fenced writes refused once the lease moved on), and the answer goes through the same
+//! decoding as an engine's, errors included. Live queries publish a full result set after every
+//! write, as the engine does.
+//!
+//! What a test can do besides: make the next call of an operation fail ([`FakeDatabase::fail_next`]),
+//! hold it until the test lets it go ([`FakeDatabase::hold_next`], for races decided on purpose),
+//! cut the live queries off, act as the scaling-service (claim a box) and read every table.
+//!
+//! It serves the operations the agent, the executor and the leader send; any other answers a
+//! validation error naming it, so a test that strays fails loudly. It is held to the engine on
+//! shared cases (`tests/fake_database.rs` runs them against both).
+
+mod tables;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+use whist_types::{Instance, Mandelbox, MandelboxId};
+
+pub use self::tables::Lease;
+use self::tables::{Refusal, Tables};
+use crate::{Fence, HasuraClient, HasuraConfig};
+
+/// How a scripted call fails.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// The engine is unreachable (HTTP 503): a transient error, which callers retry.
+    Unavailable,
+    /// The engine answers with a GraphQL error of this `extensions.code` and message.
+    Error { code: String, message: String },
+}
+
+/// An in-memory database. Cheap to share: every client it hands out reaches the same tables.
+#[derive(Debug)]
+pub struct FakeDatabase {
+    state: Mutex<State>,
+    /// Bumped after every write; live queries republish on each bump.
+    version: watch::Sender<u64>,
+    /// Whether live queries deliver (`false` while cut off).
+    live: watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    tables: Tables,
+    faults: VecDeque<(String, Fault)>,
+    holds: Vec<(String, Arc<Hold>)>,
+    /// Every operation served, by name, in order.
+    calls: Vec<String>,
+}
+
+/// A call held back by [`FakeDatabase::hold_next`].
+#[derive(Debug, Default)]
+pub struct Hold {
+    arrived: Notify,
+    arrived_flag: std::sync::atomic::AtomicBool,
+    released: Notify,
+    released_flag: std::sync::atomic::AtomicBool,
+    variables: Mutex<Option<Value>>,
+}
+
+impl Hold {
+    /// Waits until the held call reached the database (it has not been applied yet).
+    pub async fn arrived(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let notified = self.arrived.notified();
+            if self.arrived_flag.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The variables of the held call, once it arrived.
+    pub fn variables(&self) -> Option<Value> {
+        self.variables
+            .lock()
+            .expect("the hold's lock is never poisoned")
+            .clone()
+    }
+
+    /// Lets the held call go on; it is applied to the tables as they are then.
+    pub fn release(&self) {
+        self.released_flag
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.released.notify_waiters();
+    }
+
+    async fn wait_released(&self, variables: &Value) {
+        use std::sync::atomic::Ordering;
+        *self
+            .variables
+            .lock()
+            .expect("the hold's lock is never poisoned") = Some(variables.clone());
+        self.arrived_flag.store(true, Ordering::Release);
+        self.arrived.notify_waiters();
+        loop {
+            let notified = self.released.notified();
+            if self.released_flag.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Default for FakeDatabase {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            version: watch::channel(0).0,
+            live: watch::channel(true).0,
+        }
+    }
+}
+
+impl FakeDatabase {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A client whose operations and live queries this database answers.
+    pub fn client(self: &Arc<Self>) -> HasuraClient {
+        // Never contacted: every call is answered in process.
+        let url = "http://127.0.0.1:9/v1/graphql"
+            .parse()
+            .expect("a constant URL parses");
+        HasuraClient::new(HasuraConfig::new(url, None)).with_fake(self.clone())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("the fake's lock is never poisoned")
+    }
+
+    /// Applies a change made from outside the clients (the test acting as another service).
+    fn write<T>(&self, change: impl FnOnce(&mut Tables) -> T) -> T {
+        let result = change(&mut self.lock().tables);
+        self.version.send_modify(|version| *version += 1);
+        result
+    }
+
+    /// Answers one operation: its HTTP status and body, as an engine would send them.
+    pub(crate) async fn answer(&self, name: &'static str, variables: &Value) -> (u16, Vec<u8>) {
+        let hold = {
+            let mut state = self.lock();
+            state.calls.push(name.to_owned());
+            let fault = state
+                .faults
+                .iter()
+                .position(|(op, _)| op == name)
+                .and_then(|at| state.faults.remove(at));
+            match fault {
+                Some((_, Fault::Unavailable)) => {
+                    return (503, b"service unavailable".to_vec());
+                }
+                Some((_, Fault::Error { code, message })) => {
+                    return (200, errors(&code, &message));
+                }
+                None => {}
+            }
+            state
+                .holds
+                .iter()
+                .position(|(op, _)| op == name)
+                .map(|at| state.holds.remove(at).1)
+        };
+        if let Some(hold) = hold {
+            hold.wait_released(variables).await;
+        }
+        let (answer, wrote) = {
+            let mut state = self.lock();
+            let before = state.tables.clone();
+            match state.tables.answer(name, variables) {
+                Ok(data) => {
+                    let wrote = state.tables != before;
+                    (Ok(data), wrote)
+                }
+                Err(refusal) => {
+                    // A refused mutation rolls back as a whole, as in one transaction.
+                    state.tables = before;
+                    (Err(refusal), false)
+                }
+            }
+        };
+        if wrote {
+            self.version.send_modify(|version| *version += 1);
+        }
+        match answer {
+            Ok(data) => (
+                200,
+                serde_json::to_vec(&json!({ "data": data })).expect("JSON values serialise"),
+            ),
+            Err(Refusal { code, message }) => (200, errors(code, &message)),
+        }
+    }
+
+    /// Live-query result sets: the rows of `root` for `name` now, or `None` for a query this fake
+    /// does not serve.
+    pub(crate) fn live_rows(&self, name: &str, variables: &Value) -> Result<Value, String> {
+        self.lock().tables.live(name, variables)
+    }
+
+    pub(crate) fn versions(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    pub(crate) fn live_watch(&self) -> watch::Receiver<bool> {
+        self.live.subscribe()
+    }
+
+    // ---- scripting ----
+
+    /// Makes the next call of operation `name` fail with `fault` (queued per operation).
+    pub fn fail_next(&self, name: &str, fault: Fault) {
+        self.lock().faults.push_back((name.to_owned(), fault));
+    }
+
+    /// Holds the next call of operation `name` before it is applied, until the returned hold is
+    /// released: the test decides what happens in between.
+    pub fn hold_next(&self, name: &str) -> Arc<Hold> {
+        let hold = Arc::new(Hold::default());
+        self.lock().holds.push((name.to_owned(), hold.clone()));
+        hold
+    }
+
+    /// Cuts every live query off (their connections fail) until [`Self::restore_live`].
+    pub fn cut_live(&self) {
+        self.live.send_replace(false);
+    }
+
+    /// Lets live queries connect again; each delivers the current result set as a new
+    /// connection.
+    pub fn restore_live(&self) {
+        self.live.send_replace(true);
+    }
+
+    /// Every operation served so far, by name, in order.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    /// How many times operation `name` was called.
+    pub fn count(&self, name: &str) -> usize {
+        self.lock().calls.iter().filter(|call| *call == name).count()
+    }
+
+    // ---- the tables, as other services would change them ----
+
+    /// Puts (or replaces) an instance row as it is given.
+    pub fn put_instance(&self, instance: Instance) {
+        self.write(|tables| tables.put_instance(instance));
+    }
+
+    /// Puts (or replaces) a mandelbox row as it is given (no trigger runs).
+    pub fn put_mandelbox(&self, mandelbox: Mandelbox) {
+        self.write(|tables| tables.put_mandelbox(mandelbox));
+    }
+
+    /// The scaling-service's claim of a WAITING box for `user`, with the database's rules: the
+    /// instance's capacity is taken and the user's limit enforced. `Err` carries the refusal's
+    /// message.
+    pub fn claim(&self, id: MandelboxId, user: &str, session_id: &str) -> Result<Mandelbox, String> {
+        let variables = json!({ "id": id, "user_id": user, "session_id": session_id });
+        let result = self.write(|tables| {
+            let before = tables.clone();
+            let answer = tables.answer("ClaimMandelbox", &variables);
+            if answer.is_err() {
+                *tables = before;
+            }
+            answer
+        });
+        let data = result.map_err(|refusal| refusal.message)?;
+        let returning = data["update_whist_mandelboxes"]["returning"][0].clone();
+        if returning.is_null() {
+            return Err(format!("mandelbox {id} is not WAITING"));
+        }
+        Ok(serde_json::from_value(returning).expect("the fake's rows decode"))
+    }
+
+    /// Deletes a mandelbox row as an operator would, with the capacity it held given back.
+    pub fn delete_mandelbox(&self, id: MandelboxId) -> Option<Mandelbox> {
+        self.write(|tables| tables.delete_mandelbox(id))
+    }
+
+    /// Deletes an instance row and its mandelboxes (e.g. the scaler reaped it).
+    pub fn delete_instance(&self, id: &str) -> Option<Instance> {
+        self.write(|tables| tables.delete_instance(id))
+    }
+
+    /// Changes an instance row in place (e.g. the scaler marks it DRAINING).
+    pub fn update_instance(&self, id: &str, change: impl FnOnce(&mut Instance)) {
+        self.write(|tables| tables.update_instance(id, change));
+    }
+
+    pub fn instance(&self, id: &str) -> Option<Instance> {
+        self.lock().tables.instance(id)
+    }
+
+    pub fn instances(&self) -> Vec<Instance> {
+        self.lock().tables.instances()
+    }
+
+    pub fn mandelbox(&self, id: MandelboxId) -> Option<Mandelbox> {
+        self.lock().tables.mandelbox(id)
+    }
+
+    /// Every mandelbox row, oldest first.
+    pub fn mandelboxes(&self) -> Vec<Mandelbox> {
+        self.lock().tables.mandelboxes()
+    }
+
+    /// Makes `holder` the holder of lease `name` in a new generation, and returns its fence.
+    pub fn grant_lease(&self, name: &str, holder: &str) -> Fence {
+        self.write(|tables| tables.grant_lease(name, holder))
+    }
+
+    /// The lease `name` as the database has it.
+    pub fn lease(&self, name: &str) -> Option<Lease> {
+        self.lock().tables.lease(name)
+    }
+}
+
+/// A GraphQL error envelope as Hasura writes it.
+fn errors(code: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "errors": [{ "message": message, "extensions": { "path": "$", "code": code } }]
+    }))
+    .expect("JSON values serialise")
+}
