@@ -209,6 +209,10 @@ async fn fake_feed<T: DeserializeOwned>(
         }
         connection += 1;
         loop {
+            // A cut takes effect before anything written after it is published.
+            if !*live.borrow_and_update() {
+                break;
+            }
             versions.borrow_and_update();
             let rows = fake
                 .live_rows(query.name, &query.variables)
@@ -226,10 +230,7 @@ async fn fake_feed<T: DeserializeOwned>(
             tokio::select! {
                 () = stop.cancelled() => return,
                 changed = versions.changed() => if changed.is_err() { return },
-                changed = live.changed() => {
-                    if changed.is_err() { return }
-                    if !*live.borrow() { break }
-                }
+                changed = live.changed() => if changed.is_err() { return },
             }
         }
     }

@@ -261,7 +261,7 @@ impl Host {
         let (request, reply) =
             TransportRequest::new(id, Some(caller.to_owned()), r#"{"dark_mode":true}"#.to_owned());
         self.agent.transport(request).await;
-        reply.await.expect("the agent answers every request")
+        answered(reply).await
     }
 
     /// Claims a zygote for the owner, as the scaling-service does, and waits for the host to
@@ -291,6 +291,21 @@ impl Host {
             .expect("the agent ends")
             .expect("the agent does not panic")
     }
+}
+
+/// The agent's answer, which must come within its own deadlines.
+async fn answered(reply: tokio::sync::oneshot::Receiver<TransportReply>) -> TransportReply {
+    tokio::time::timeout(Duration::from_secs(600), reply)
+        .await
+        .expect("answered within the agent's deadlines")
+        .expect("the agent answers every request")
+}
+
+/// Waits for a held database call to arrive.
+async fn arrived(hold: &whist_dbclient::fake::Hold, what: &str) {
+    tokio::time::timeout(Duration::from_secs(600), hold.arrived())
+        .await
+        .unwrap_or_else(|_| panic!("never sent: {what}"));
 }
 
 fn refused(error: &str) -> RuntimeError {
@@ -425,13 +440,12 @@ async fn a_transport_that_beats_the_live_query_reads_the_row_and_goes_on() {
     let (request, reply) =
         TransportRequest::new(id, Some(OWNER.to_owned()), r#"{"a":1}"#.to_owned());
     host.agent.transport(request).await;
-    read.arrived().await;
+    arrived(&read, "the read of the row").await;
     host.until("the box is checking its row", |host| host.in_phase("checking") == 1)
         .await;
     read.release();
-    reply
+    answered(reply)
         .await
-        .expect("answered")
         .expect("the session starts from the row it read");
     assert_eq!(host.row(id).expect("row").status, MandelboxStatus::Running);
     host.db.restore_live();
@@ -551,7 +565,7 @@ async fn a_claim_that_beats_the_retirement_of_its_zygote_keeps_the_session() {
     let retire = host.db.hold_next("DeleteMandelboxIn");
     host.db
         .update_instance(INSTANCE, |row| row.remaining_capacity = 1);
-    retire.arrived().await;
+    arrived(&retire, "the retirement of the surplus zygote").await;
     let id: MandelboxId = serde_json::from_value(retire.variables().expect("arrived")["id"].clone())
         .expect("the retired box's id");
     // The claim commits between the retirement's decision and its delete.
@@ -686,4 +700,21 @@ async fn an_instance_row_deleted_elsewhere_drains_the_host() {
     let report = host.finished().await;
     assert!(report.requested_by_fleet);
     assert!(host.runtime.containers().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_row_deleted_while_the_live_query_is_down_is_found_by_the_resync() {
+    let host = Host::start(1).await;
+    let id = host.rows()[0].id;
+    host.db.cut_live();
+    host.db.delete_mandelbox(id).expect("row");
+    let cut = tokio::time::Instant::now();
+    host.until("the resync ended the box", |host| host.container_of(id).is_none())
+        .await;
+    assert!(cut.elapsed() <= RESYNC_INTERVAL + Duration::from_secs(1));
+    host.until("a new zygote replaces it", |host| {
+        host.rows_in(MandelboxStatus::Waiting).len() == 1
+    })
+    .await;
+    host.db.restore_live();
 }

@@ -816,6 +816,9 @@ pub enum ActionError {
 }
 
 #[cfg(test)]
+mod scenarios;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
