@@ -130,6 +130,21 @@ fn paused(region: &str, reason: &str) -> String {
     format!("whist_scaling_region_destruction_paused{{region=\"{region}\",reason=\"{reason}\"}}")
 }
 
+/// The count of passes in which `region` was paused for `reason`.
+fn pauses(region: &str, reason: &str) -> String {
+    format!("whist_scaling_destruction_pauses_total{{region=\"{region}\",reason=\"{reason}\"}}")
+}
+
+/// Waits for three more passes in which `region` stayed paused for `reason`, so what is asserted
+/// next held through them: a count of passes, not a guess at how long they take.
+async fn paused_for_several_passes(scaler: &Scaler, region: &str, reason: &str) {
+    let before = scaler.metric(&pauses(region, reason)).await;
+    eventually("three more paused passes", PATIENCE, || async {
+        (scaler.metric(&pauses(region, reason)).await >= before + 3.0).then_some(())
+    })
+    .await;
+}
+
 /// Removes a tag from a machine in moto, as an operator's mistake would.
 async fn remove_fleet_tag(id: &str, region: &str) {
     let moto = whist_test_support::moto::shared_moto();
@@ -176,7 +191,7 @@ async fn a_controller_of_another_environment_leaves_the_region_alone() {
         || async { (staging.metric(&paused(name, "foreign_fleet")).await == 1.0).then_some(()) },
     )
     .await;
-    tokio::time::sleep(SEVERAL_PASSES).await;
+    paused_for_several_passes(&staging, name, "foreign_fleet").await;
     region
         .assert_intact(&db, "another fleet's controller")
         .await;
@@ -213,7 +228,7 @@ async fn an_endpoint_that_lists_nothing_pauses_destruction_until_the_listing_ret
         || async { (scaler.metric(&paused(name, "empty_listing")).await == 1.0).then_some(()) },
     )
     .await;
-    tokio::time::sleep(SEVERAL_PASSES).await;
+    paused_for_several_passes(&scaler, name, "empty_listing").await;
     region.assert_intact(&db, "an empty listing").await;
     assert!(
         scaler
@@ -268,7 +283,7 @@ async fn a_listing_that_lost_most_hosts_pauses_destruction_until_they_are_back()
         (scaler.metric(&paused(name, "lost_rows")).await == 1.0).then_some(())
     })
     .await;
-    tokio::time::sleep(SEVERAL_PASSES).await;
+    paused_for_several_passes(&scaler, name, "lost_rows").await;
     region.assert_intact(&db, "a listing missing 60%").await;
 
     proxy.set_mode(FaultMode::PassThrough);
@@ -371,7 +386,7 @@ async fn most_hosts_falling_silent_at_once_are_not_reaped() {
         (scaler.metric(&paused(name, "mass_heartbeat_loss")).await == 1.0).then_some(())
     })
     .await;
-    tokio::time::sleep(SEVERAL_PASSES).await;
+    paused_for_several_passes(&scaler, name, "mass_heartbeat_loss").await;
     region.assert_intact(&db, "two of three hosts silent").await;
     let running = common::cloud_hosts(name).await;
     for host in &region.hosts {
@@ -431,7 +446,7 @@ async fn machines_that_mostly_lack_rows_are_not_terminated() {
         (scaler.metric(&paused(name, "unrecorded_machines")).await == 1.0).then_some(())
     })
     .await;
-    tokio::time::sleep(SEVERAL_PASSES).await;
+    paused_for_several_passes(&scaler, name, "unrecorded_machines").await;
     let running: Vec<String> = common::cloud_hosts(name)
         .await
         .into_iter()

@@ -14,8 +14,9 @@
 //!
 //! It serves the operations the agent, the executor and the leader send; any other answers a
 //! validation error naming it, so a test that strays fails loudly. It is held to the engine on
-//! shared cases (`tests/fake_database.rs` runs them against both).
+//! shared cases ([`conformance`], which `tests/stack_fake_conformance.rs` runs on the engine).
 
+pub mod conformance;
 mod tables;
 
 use std::collections::VecDeque;
@@ -23,9 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
-use whist_types::{Instance, Mandelbox, MandelboxId};
+use whist_types::{Instance, Lease, Mandelbox, MandelboxId};
 
-pub use self::tables::Lease;
 use self::tables::{Refusal, Tables};
 use crate::{Fence, HasuraClient, HasuraConfig};
 
@@ -138,7 +138,9 @@ impl FakeDatabase {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("the fake's lock is never poisoned")
+        self.state
+            .lock()
+            .expect("the fake's lock is never poisoned")
     }
 
     /// Applies a change made from outside the clients (the test acting as another service).
@@ -250,7 +252,11 @@ impl FakeDatabase {
 
     /// How many times operation `name` was called.
     pub fn count(&self, name: &str) -> usize {
-        self.lock().calls.iter().filter(|call| *call == name).count()
+        self.lock()
+            .calls
+            .iter()
+            .filter(|call| *call == name)
+            .count()
     }
 
     // ---- the tables, as other services would change them ----
@@ -268,7 +274,12 @@ impl FakeDatabase {
     /// The scaling-service's claim of a WAITING box for `user`, with the database's rules: the
     /// instance's capacity is taken and the user's limit enforced. `Err` carries the refusal's
     /// message.
-    pub fn claim(&self, id: MandelboxId, user: &str, session_id: &str) -> Result<Mandelbox, String> {
+    pub fn claim(
+        &self,
+        id: MandelboxId,
+        user: &str,
+        session_id: &str,
+    ) -> Result<Mandelbox, String> {
         let variables = json!({ "id": id, "user_id": user, "session_id": session_id });
         let result = self.write(|tables| {
             let before = tables.clone();
@@ -318,7 +329,8 @@ impl FakeDatabase {
         self.lock().tables.mandelboxes()
     }
 
-    /// Makes `holder` the holder of lease `name` in a new generation, and returns its fence.
+    /// Makes `holder` the holder of lease `name` in a new generation for an hour, and returns
+    /// its fence.
     pub fn grant_lease(&self, name: &str, holder: &str) -> Fence {
         self.write(|tables| tables.grant_lease(name, holder))
     }
@@ -335,4 +347,137 @@ fn errors(code: &str, message: &str) -> Vec<u8> {
         "errors": [{ "message": message, "extensions": { "path": "$", "code": code } }]
     }))
     .expect("JSON values serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use whist_types::{InstanceStatus, MandelboxStatus, NewInstance, NewMandelbox};
+
+    use super::*;
+    use crate::{DbError, ops};
+
+    #[tokio::test]
+    async fn the_fake_passes_every_case_the_engine_passes() {
+        conformance::all(&FakeDatabase::new().client()).await;
+    }
+
+    fn host(id: &str) -> NewInstance {
+        NewInstance {
+            id: id.to_owned(),
+            provider: "AWS".to_owned(),
+            region: "us-east-1".to_owned(),
+            image_id: "ami".to_owned(),
+            client_sha: "sha".to_owned(),
+            instance_type: "g4dn.xlarge".to_owned(),
+            remaining_capacity: 1,
+            status: InstanceStatus::Active,
+            fleet: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn scripted_faults_fail_the_next_call_of_their_operation_only() {
+        let fake = FakeDatabase::new();
+        let db = fake.client();
+        fake.fail_next("InstanceById", Fault::Unavailable);
+        fake.fail_next(
+            "InstanceById",
+            Fault::Error {
+                code: "validation-failed".to_owned(),
+                message: "no".to_owned(),
+            },
+        );
+        let first = db.execute(&ops::instance_by_id("i-1")).await;
+        assert!(
+            first.as_ref().is_err_and(DbError::is_transient),
+            "{first:?}"
+        );
+        assert!(
+            db.execute(&ops::instances()).await.is_ok(),
+            "other operations answer"
+        );
+        let second = db.execute(&ops::instance_by_id("i-1")).await;
+        assert!(
+            matches!(second, Err(DbError::Validation { .. })),
+            "{second:?}"
+        );
+        assert_eq!(
+            db.execute(&ops::instance_by_id("i-1"))
+                .await
+                .expect("answers"),
+            None
+        );
+        assert_eq!(fake.count("InstanceById"), 3);
+    }
+
+    #[tokio::test]
+    async fn an_operation_it_does_not_serve_is_refused_by_name() {
+        let db = FakeDatabase::new().client();
+        let error = db.execute(&ops::images()).await.expect_err("not served");
+        assert!(error.to_string().contains("Images"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_held_call_is_applied_to_the_tables_as_they_are_when_released() {
+        let fake = FakeDatabase::new();
+        let db = fake.client();
+        db.execute(&ops::insert_instances(&[host("i-1")]))
+            .await
+            .expect("insert");
+        let id = MandelboxId::new_random();
+        db.execute(&ops::insert_mandelboxes(&[NewMandelbox::waiting(
+            id, "CHROME", "i-1",
+        )]))
+        .await
+        .expect("insert");
+        let hold = fake.hold_next("DeleteMandelboxIn");
+        let retire = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.execute(&ops::delete_mandelbox_in(id, &[MandelboxStatus::Waiting]))
+                    .await
+            }
+        });
+        hold.arrived().await;
+        assert_eq!(hold.variables().expect("arrived")["id"], json!(id));
+        fake.claim(id, "alice", "1").expect("the claim lands first");
+        hold.release();
+        let deleted = retire.await.expect("task").expect("answer");
+        assert_eq!(deleted, None, "the claim won");
+        assert_eq!(fake.instance("i-1").expect("row").remaining_capacity, 0);
+    }
+
+    #[tokio::test]
+    async fn live_queries_follow_writes_and_reconnect_after_a_cut() {
+        let fake = FakeDatabase::new();
+        let db = fake.client();
+        db.execute(&ops::insert_instances(&[host("i-1")]))
+            .await
+            .expect("insert");
+        let mut boxes = db.subscribe(crate::live::queries::mandelboxes_on_instance("i-1"));
+        let first = boxes.next().await.expect("first result set");
+        assert!(first.rows.is_empty());
+        let id = MandelboxId::new_random();
+        db.execute(&ops::insert_mandelboxes(&[NewMandelbox::waiting(
+            id, "CHROME", "i-1",
+        )]))
+        .await
+        .expect("insert");
+        let next = boxes.next().await.expect("after the insert");
+        assert_eq!(next.added.len(), 1);
+
+        fake.cut_live();
+        fake.delete_mandelbox(id);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(matches!(
+            boxes.state(),
+            crate::ConnectionState::Waiting { .. }
+        ));
+        fake.restore_live();
+        let after = boxes.next().await.expect("after the cut");
+        assert!(after.rows.is_empty());
+        assert_eq!(boxes.state(), crate::ConnectionState::Live);
+    }
 }

@@ -3,22 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use whist_types::{
-    FleetSettings, Instance, InstanceStatus, Mandelbox, MandelboxId, MandelboxStatus,
+    FleetSettings, Instance, InstanceStatus, Lease, Mandelbox, MandelboxId, MandelboxStatus,
 };
 
 use crate::Fence;
-
-/// A lease row: who holds it, in which generation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub name: String,
-    pub holder: Option<String>,
-    pub generation: i64,
-}
 
 /// Why the database refused a request: the GraphQL error it answers with.
 #[derive(Debug)]
@@ -101,6 +93,51 @@ impl Tables {
         }
         let data = match name {
             "LeaseCheck" => json!({ "fence": { "affected_rows": 1 } }),
+            "CreateLease" => {
+                let name: String = var(variables, "name")?;
+                if self.leases.contains_key(&name) {
+                    return Err(Refusal::unique(format!(
+                        "duplicate key value violates unique constraint \"leases_pkey\" ({name})"
+                    )));
+                }
+                self.leases.insert(
+                    name.clone(),
+                    Lease {
+                        name,
+                        holder: None,
+                        generation: 0,
+                        expires_at: DateTime::<Utc>::UNIX_EPOCH,
+                        renewed_at: DateTime::<Utc>::UNIX_EPOCH,
+                    },
+                );
+                json!({ "insert_config_leases": { "affected_rows": 1 } })
+            }
+            "AcquireLease" => {
+                let name: String = var(variables, "name")?;
+                let holder: String = var(variables, "holder")?;
+                let seconds: i64 = var(variables, "lease_seconds")?;
+                let changed: Vec<_> = self
+                    .acquire_lease(&name, &holder, seconds)
+                    .into_iter()
+                    .collect();
+                json!({ "update_config_leases": mutated(changed) })
+            }
+            "ReleaseLease" => {
+                let name: String = var(variables, "name")?;
+                let holder: String = var(variables, "holder")?;
+                let now = Utc::now();
+                let changed: Vec<_> = match self.leases.get_mut(&name) {
+                    Some(lease) if lease.holder.as_deref() == Some(holder.as_str()) => {
+                        // Free at once, same generation: the next holder bumps it.
+                        lease.holder = None;
+                        lease.expires_at = DateTime::<Utc>::UNIX_EPOCH;
+                        lease.renewed_at = now;
+                        vec![lease.clone()]
+                    }
+                    _ => Vec::new(),
+                };
+                json!({ "update_config_leases": mutated(changed) })
+            }
             "InstanceById" => {
                 let id: String = var(variables, "id")?;
                 json!({ "whist_instances_by_pk": self.instances.get(&id) })
@@ -284,7 +321,11 @@ impl Tables {
             "LiveInstance" => rows(self.instances.get(&text("id")?)),
             "LiveMandelboxes" => rows(self.mandelboxes()),
             "LiveMandelboxesOnInstance" => rows(self.boxes_on(&text("instance_id")?)),
-            other => return Err(format!("the fake database does not serve live query {other:?}")),
+            other => {
+                return Err(format!(
+                    "the fake database does not serve live query {other:?}"
+                ));
+            }
         })
     }
 
@@ -295,7 +336,9 @@ impl Tables {
         let holder: String = var(variables, "fence_holder")?;
         let generation: i64 = var(variables, "fence_generation")?;
         let holds = self.leases.get(&lease).is_some_and(|row| {
-            row.holder.as_deref() == Some(holder.as_str()) && row.generation == generation
+            row.holder.as_deref() == Some(holder.as_str())
+                && row.generation == generation
+                && row.expires_at > Utc::now()
         });
         if holds {
             Ok(())
@@ -304,6 +347,24 @@ impl Tables {
                 "lease_lost: {holder} does not hold lease {lease} in generation {generation}"
             )))
         }
+    }
+
+    /// `config.leases_decide`: the holder renews; anyone takes a free or expired lease (a new
+    /// generation); a live lease of another holder is left alone.
+    fn acquire_lease(&mut self, name: &str, holder: &str, seconds: i64) -> Option<Lease> {
+        let now = Utc::now();
+        let lease = self.leases.get_mut(name)?;
+        let renewing = lease.holder.as_deref() == Some(holder);
+        if !renewing && lease.expires_at > now {
+            return None;
+        }
+        if !renewing {
+            lease.generation += 1;
+            lease.holder = Some(holder.to_owned());
+        }
+        lease.expires_at = now + chrono::Duration::seconds(seconds);
+        lease.renewed_at = now;
+        Some(lease.clone())
     }
 
     fn insert_mandelboxes(&mut self, variables: &Value) -> Result<usize, Refusal> {
@@ -397,9 +458,8 @@ impl Tables {
             }
         }
         let was_assigned = old.is_some_and(|old| old.user_id.is_some());
-        let was_live_for_user = old.is_some_and(|old| {
-            old.user_id == row.user_id && old.status != MandelboxStatus::Dying
-        });
+        let was_live_for_user = old
+            .is_some_and(|old| old.user_id == row.user_id && old.status != MandelboxStatus::Dying);
         if let Some(user) = row.user_id.as_deref()
             && row.status != MandelboxStatus::Dying
             && !was_live_for_user
@@ -522,13 +582,18 @@ impl Tables {
     }
 
     pub(crate) fn grant_lease(&mut self, name: &str, holder: &str) -> Fence {
+        let now = Utc::now();
         let lease = self.leases.entry(name.to_owned()).or_insert_with(|| Lease {
             name: name.to_owned(),
             holder: None,
             generation: 0,
+            expires_at: now,
+            renewed_at: now,
         });
         lease.generation += 1;
         lease.holder = Some(holder.to_owned());
+        lease.expires_at = now + chrono::Duration::hours(1);
+        lease.renewed_at = now;
         Fence {
             lease: name.to_owned(),
             holder: holder.to_owned(),

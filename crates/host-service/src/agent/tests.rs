@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Parser as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use whist_dbclient::fake::{Fault, FakeDatabase};
+use whist_dbclient::fake::{FakeDatabase, Fault};
 use whist_types::{Instance, InstanceStatus, Mandelbox, MandelboxId, MandelboxStatus};
 
 use super::transport::{TransportError, TransportReply, TransportRequest};
@@ -222,9 +222,7 @@ impl Host {
         self.runtime
             .containers()
             .into_iter()
-            .find(|(_, (spec, _))| {
-                spec.labels.get(labels::MANDELBOX_ID) == Some(&id.to_string())
-            })
+            .find(|(_, (spec, _))| spec.labels.get(labels::MANDELBOX_ID) == Some(&id.to_string()))
             .map(|(container, (_, running))| (container, running))
     }
 
@@ -258,8 +256,11 @@ impl Host {
 
     /// The client's `json_transport` from `caller`, answered.
     async fn transport(&self, id: MandelboxId, caller: &str) -> TransportReply {
-        let (request, reply) =
-            TransportRequest::new(id, Some(caller.to_owned()), r#"{"dark_mode":true}"#.to_owned());
+        let (request, reply) = TransportRequest::new(
+            id,
+            Some(caller.to_owned()),
+            r#"{"dark_mode":true}"#.to_owned(),
+        );
         self.agent.transport(request).await;
         answered(reply).await
     }
@@ -270,7 +271,8 @@ impl Host {
         let id = self.rows_in(MandelboxStatus::Waiting)[0].id;
         self.db.claim(id, OWNER, "1").expect("claim");
         self.until("the host accepts the claim", |host| {
-            host.row(id).is_some_and(|row| row.status == MandelboxStatus::Connecting)
+            host.row(id)
+                .is_some_and(|row| row.status == MandelboxStatus::Connecting)
         })
         .await;
         id
@@ -339,7 +341,11 @@ async fn a_zygote_that_fails_to_start_is_removed_and_made_again_after_a_backoff(
         host.rows_in(MandelboxStatus::Waiting).len() == 2
     })
     .await;
-    assert_eq!(host.runtime.calls(Call::Create), 3, "one more create after the failure");
+    assert_eq!(
+        host.runtime.calls(Call::Create),
+        3,
+        "one more create after the failure"
+    );
     assert_eq!(
         host.runtime.containers().len(),
         2,
@@ -363,8 +369,10 @@ async fn a_zygote_whose_row_cannot_be_written_leaves_no_container_behind() {
         host.metrics.consecutive_zygote_failures() == 1
     })
     .await;
-    host.until("its container is gone", |host| host.runtime.containers().is_empty())
-        .await;
+    host.until("its container is gone", |host| {
+        host.runtime.containers().is_empty()
+    })
+    .await;
     assert!(host.rows().is_empty());
     host.until("the zygote is made again", |host| {
         host.rows_in(MandelboxStatus::Waiting).len() == 1
@@ -422,8 +430,10 @@ async fn a_transport_for_an_unclaimed_box_is_refused_and_the_zygote_stays() {
         host.transport(MandelboxId::new_random(), OWNER).await,
         Err(TransportError::UnknownMandelbox)
     );
-    host.until("the box is back to waiting", |host| host.in_phase("waiting") == 1)
-        .await;
+    host.until("the box is back to waiting", |host| {
+        host.in_phase("waiting") == 1
+    })
+    .await;
     assert_eq!(host.row(id).expect("row").status, MandelboxStatus::Waiting);
     assert!(host.container_of(id).expect("container").1);
 }
@@ -441,8 +451,10 @@ async fn a_transport_that_beats_the_live_query_reads_the_row_and_goes_on() {
         TransportRequest::new(id, Some(OWNER.to_owned()), r#"{"a":1}"#.to_owned());
     host.agent.transport(request).await;
     arrived(&read, "the read of the row").await;
-    host.until("the box is checking its row", |host| host.in_phase("checking") == 1)
-        .await;
+    host.until("the box is checking its row", |host| {
+        host.in_phase("checking") == 1
+    })
+    .await;
     read.release();
     answered(reply)
         .await
@@ -461,7 +473,8 @@ async fn a_database_outage_during_the_accept_is_repaired_by_the_resync() {
     }
     host.db.claim(id, OWNER, "1").expect("claim");
     host.until("the host accepts the claim after all", |host| {
-        host.row(id).is_some_and(|row| row.status == MandelboxStatus::Connecting)
+        host.row(id)
+            .is_some_and(|row| row.status == MandelboxStatus::Connecting)
     })
     .await;
     assert!(host.db.count("TransitionMandelbox") >= 6);
@@ -548,8 +561,15 @@ async fn a_failed_container_removal_keeps_the_box_until_the_resync_removes_it() 
         host.runtime.calls(Call::Remove) == 3
     })
     .await;
-    assert!(host.container_of(id).is_some(), "the container is still there");
-    assert_eq!(host.in_phase("tearing_down"), 1, "the box keeps its resources");
+    assert!(
+        host.container_of(id).is_some(),
+        "the container is still there"
+    );
+    assert_eq!(
+        host.in_phase("tearing_down"),
+        1,
+        "the box keeps its resources"
+    );
     host.until("the resync removed it and a zygote replaces it", |host| {
         host.container_of(id).is_none() && host.rows_in(MandelboxStatus::Waiting).len() == 1
     })
@@ -566,13 +586,15 @@ async fn a_claim_that_beats_the_retirement_of_its_zygote_keeps_the_session() {
     host.db
         .update_instance(INSTANCE, |row| row.remaining_capacity = 1);
     arrived(&retire, "the retirement of the surplus zygote").await;
-    let id: MandelboxId = serde_json::from_value(retire.variables().expect("arrived")["id"].clone())
-        .expect("the retired box's id");
+    let id: MandelboxId =
+        serde_json::from_value(retire.variables().expect("arrived")["id"].clone())
+            .expect("the retired box's id");
     // The claim commits between the retirement's decision and its delete.
     host.db.claim(id, OWNER, "1").expect("claim");
     retire.release();
     host.until("the claimed box is accepted", |host| {
-        host.row(id).is_some_and(|row| row.status == MandelboxStatus::Connecting)
+        host.row(id)
+            .is_some_and(|row| row.status == MandelboxStatus::Connecting)
     })
     .await;
     assert!(host.container_of(id).expect("container").1);
@@ -602,7 +624,8 @@ async fn the_resync_deletes_rows_without_a_box_and_removes_containers_nobody_tra
         updated_at: now,
     };
     host.db.put_mandelbox(orphan.clone());
-    host.db.update_instance(INSTANCE, |row| row.remaining_capacity = 0);
+    host.db
+        .update_instance(INSTANCE, |row| row.remaining_capacity = 0);
     // A container of this instance that nothing tracks (a crash mid-creation).
     let (_, (mut spec, _)) = host.runtime.containers().into_iter().next().expect("one");
     spec.name = "leftover".to_owned();
@@ -613,19 +636,24 @@ async fn the_resync_deletes_rows_without_a_box_and_removes_containers_nobody_tra
     let leftover = host.runtime.create(&spec).await.expect("create");
     host.runtime.start(&leftover).await.expect("start");
 
-    host.until("the orphan row and the leftover container are gone", |host| {
-        host.row(orphan.id).is_none()
-            && !host.runtime.containers().contains_key(&leftover)
-    })
+    host.until(
+        "the orphan row and the leftover container are gone",
+        |host| host.row(orphan.id).is_none() && !host.runtime.containers().contains_key(&leftover),
+    )
     .await;
-    assert_eq!(host.remaining_capacity(), 1, "the orphan's capacity came back");
+    assert_eq!(
+        host.remaining_capacity(),
+        1,
+        "the orphan's capacity came back"
+    );
     assert_eq!(host.rows_in(MandelboxStatus::Waiting).len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn live_queries_cut_off_make_the_host_unready_until_they_return() {
     let host = Host::start(1).await;
-    host.until("ready", |host| host.agent.status().ready()).await;
+    host.until("ready", |host| host.agent.status().ready())
+        .await;
     host.db.cut_live();
     host.until("unready", |host| !host.agent.status().ready())
         .await;
@@ -654,7 +682,10 @@ async fn shutdown_retires_the_zygotes_and_deletes_the_instance_row() {
     assert!(host.db.instance(INSTANCE).is_none());
     assert!(host.rows().is_empty());
     assert!(host.runtime.containers().is_empty());
-    assert!(host.db.count("TransitionInstance") >= 1, "marked DRAINING first");
+    assert!(
+        host.db.count("TransitionInstance") >= 1,
+        "marked DRAINING first"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -666,7 +697,10 @@ async fn a_drain_the_fleet_asks_for_waits_for_sessions_until_its_deadline() {
         .update_instance(INSTANCE, |row| row.status = InstanceStatus::Draining);
     host.until("the zygote is retired", |host| host.rows().len() == 1)
         .await;
-    assert_eq!(host.row(id).expect("session").status, MandelboxStatus::Running);
+    assert_eq!(
+        host.row(id).expect("session").status,
+        MandelboxStatus::Running
+    );
     let report = host.finished().await;
     assert!(asked.elapsed() >= DRAIN_DEADLINE);
     assert_eq!(
@@ -709,8 +743,10 @@ async fn a_row_deleted_while_the_live_query_is_down_is_found_by_the_resync() {
     host.db.cut_live();
     host.db.delete_mandelbox(id).expect("row");
     let cut = tokio::time::Instant::now();
-    host.until("the resync ended the box", |host| host.container_of(id).is_none())
-        .await;
+    host.until("the resync ended the box", |host| {
+        host.container_of(id).is_none()
+    })
+    .await;
     assert!(cut.elapsed() <= RESYNC_INTERVAL + Duration::from_secs(1));
     host.until("a new zygote replaces it", |host| {
         host.rows_in(MandelboxStatus::Waiting).len() == 1

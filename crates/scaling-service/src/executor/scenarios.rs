@@ -130,7 +130,14 @@ impl Scene {
         now: chrono::DateTime<Utc>,
     ) -> super::Reconciled {
         self.executor
-            .reconcile(&self.term, REGION, &self.fleet(), gone_since, now, READY_TIMEOUT)
+            .reconcile(
+                &self.term,
+                REGION,
+                &self.fleet(),
+                gone_since,
+                now,
+                READY_TIMEOUT,
+            )
             .await
             .expect("reconciliation runs")
     }
@@ -218,7 +225,11 @@ async fn a_term_that_ended_launches_nothing_and_writes_nothing() {
     scene.lose_lease();
     let outcome = scene.run(vec![launch(1)]).await;
     assert!(outcome.launched.is_empty());
-    assert_eq!(scene.cloud.calls(Call::Launch), 0, "no machine without the lease");
+    assert_eq!(
+        scene.cloud.calls(Call::Launch),
+        0,
+        "no machine without the lease"
+    );
     assert!(scene.db.instances().is_empty());
 }
 
@@ -234,8 +245,15 @@ async fn machines_whose_rows_were_lost_to_a_lease_change_are_recorded_by_the_nex
         insert.release();
     };
     let (outcome, ()) = tokio::join!(run, lose);
-    assert_eq!(outcome.launched.len(), 1, "the machine is reported all the same");
-    assert!(scene.db.instances().is_empty(), "the old term wrote nothing");
+    assert_eq!(
+        outcome.launched.len(),
+        1,
+        "the machine is reported all the same"
+    );
+    assert!(
+        scene.db.instances().is_empty(),
+        "the old term wrote nothing"
+    );
 
     // The new leader's reconciliation records it: it is young and carries the fleet's tag.
     let next = scene.next_leader();
@@ -290,7 +308,9 @@ async fn a_terminate_ends_the_machine_then_deletes_its_row() {
 #[tokio::test(start_paused = true)]
 async fn a_host_of_another_fleet_is_never_terminated() {
     let scene = Scene::new();
-    scene.db.put_instance(row_of_fleet("i-production", "whist-prod"));
+    scene
+        .db
+        .put_instance(row_of_fleet("i-production", "whist-prod"));
     let outcome = scene.run(vec![terminate("i-production")]).await;
     assert_eq!(outcome.errors, 0);
     assert_eq!(scene.cloud.calls(Call::Terminate), 0);
@@ -301,12 +321,16 @@ async fn a_host_of_another_fleet_is_never_terminated() {
 async fn a_failed_termination_keeps_the_row() {
     let scene = Scene::new();
     let id = scene.hosts(1).await.remove(0);
-    scene
-        .cloud
-        .fail_next(Call::Terminate, HostError::Refused("UnauthorizedOperation".to_owned()));
+    scene.cloud.fail_next(
+        Call::Terminate,
+        HostError::Refused("UnauthorizedOperation".to_owned()),
+    );
     let outcome = scene.run(vec![terminate(&id)]).await;
     assert_eq!(outcome.errors, 1);
-    assert!(scene.db.instance(&id).is_some(), "no row deleted without the machine gone");
+    assert!(
+        scene.db.instance(&id).is_some(),
+        "no row deleted without the machine gone"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -370,7 +394,10 @@ async fn many_machines_without_rows_pause_instead_of_being_terminated() {
         .reconcile(HashMap::new(), Utc::now() + chrono::Duration::hours(1))
         .await;
     assert!(
-        matches!(report.paused, Some(Suspicion::UnrecordedMachines { unrecorded: 3, .. })),
+        matches!(
+            report.paused,
+            Some(Suspicion::UnrecordedMachines { unrecorded: 3, .. })
+        ),
         "{:?}",
         report.paused
     );
@@ -385,18 +412,27 @@ async fn a_row_is_deleted_only_after_its_machine_has_been_gone_for_the_grace() {
     scene.cloud.terminate_outside(&ids[0]);
     let first_seen = Utc::now();
     let report = scene.reconcile(HashMap::new(), first_seen).await;
-    assert_eq!(report.deleted, 0, "first sight of the machine gone proves nothing yet");
+    assert_eq!(
+        report.deleted, 0,
+        "first sight of the machine gone proves nothing yet"
+    );
     assert!(report.gone_since.contains_key(&ids[0]));
     assert!(scene.db.instance(&ids[0]).is_some());
 
     let grace = scene.executor.safety.reconcile_grace;
     let report = scene
-        .reconcile(report.gone_since, first_seen + grace - chrono::Duration::seconds(1))
+        .reconcile(
+            report.gone_since,
+            first_seen + grace - chrono::Duration::seconds(1),
+        )
         .await;
     assert_eq!(report.deleted, 0, "within the grace");
 
     let report = scene
-        .reconcile(report.gone_since, first_seen + grace + chrono::Duration::seconds(1))
+        .reconcile(
+            report.gone_since,
+            first_seen + grace + chrono::Duration::seconds(1),
+        )
         .await;
     assert_eq!(report.deleted, 1);
     assert!(scene.db.instance(&ids[0]).is_none());
@@ -413,7 +449,10 @@ async fn a_machine_missing_from_the_listing_but_running_keeps_its_row() {
     let report = scene.reconcile(long_ago, Utc::now()).await;
     assert_eq!(report.paused, None);
     assert_eq!(report.deleted, 0);
-    assert!(!report.gone_since.contains_key(&ids[0]), "its clock starts over");
+    assert!(
+        !report.gone_since.contains_key(&ids[0]),
+        "its clock starts over"
+    );
     assert_eq!(scene.cloud.calls(Call::Describe), 1);
     assert!(scene.db.instance(&ids[0]).is_some());
 }
