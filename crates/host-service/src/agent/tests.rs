@@ -754,3 +754,77 @@ async fn a_row_deleted_while_the_live_query_is_down_is_found_by_the_resync() {
     .await;
     host.db.restore_live();
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_assignment_withdrawn_before_the_host_accepts_it_ends_the_box() {
+    let host = Host::start(1).await;
+    let id = host.rows()[0].id;
+    let accept = host.db.hold_next("TransitionMandelbox");
+    host.db.claim(id, OWNER, "1").expect("claim");
+    arrived(&accept, "the accept").await;
+    // The fleet ends the assignment meanwhile (the row is DYING, its user still holds it).
+    let mut row = host.row(id).expect("row");
+    row.status = MandelboxStatus::Dying;
+    host.db.put_mandelbox(row);
+    accept.release();
+    host.until("the box is gone and replaced", |host| {
+        host.row(id).is_none()
+            && host.container_of(id).is_none()
+            && host.rows_in(MandelboxStatus::Waiting).len() == 1
+    })
+    .await;
+    assert_eq!(
+        host.remaining_capacity(),
+        1,
+        "the withdrawn user's capacity came back"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_configuration_is_refused_and_the_owner_may_send_a_good_one() {
+    let host = Host::start(1).await;
+    let id = host.claimed_and_connecting().await;
+    let (request, reply) = TransportRequest::new(
+        id,
+        Some(OWNER.to_owned()),
+        "not json, not base64".to_owned(),
+    );
+    host.agent.transport(request).await;
+    assert_eq!(answered(reply).await, Err(TransportError::BadConfig));
+    host.until("the box waits for the owner again", |host| {
+        host.in_phase("connecting") == 1
+    })
+    .await;
+    host.make_ready(id);
+    host.transport(id, OWNER)
+        .await
+        .expect("the good one starts the session");
+}
+
+#[tokio::test(start_paused = true)]
+async fn zygotes_that_keep_failing_make_the_host_unready_until_one_starts() {
+    let host = Host::start_with(1, |_, runtime| {
+        for _ in 0..3 {
+            runtime.fail_next(Call::Create, RuntimeError::ImageMissing(IMAGE.to_owned()));
+        }
+    })
+    .await;
+    host.until("three failures in a row", |host| {
+        host.metrics.consecutive_zygote_failures() >= 3
+    })
+    .await;
+    assert!(
+        !host.agent.status().ready(),
+        "a host that cannot make sessions is not ready"
+    );
+    host.until("a zygote started after the backoff", |host| {
+        host.rows_in(MandelboxStatus::Waiting).len() == 1
+    })
+    .await;
+    host.until("ready again", |host| host.agent.status().ready())
+        .await;
+    assert!(
+        host.runtime.containers().len() == 1,
+        "no failed container left"
+    );
+}
