@@ -145,32 +145,32 @@ impl HasuraClient {
         let (latest_tx, latest) = watch::channel(None);
         let (state_tx, state) = watch::channel(ConnectionState::Connecting { attempt: 1 });
         let stop = CancellationToken::new();
+        let senders = Some((latest_tx, state_tx));
+        // A client of the fake database is fed by it instead of a websocket.
         #[cfg(any(test, feature = "fake"))]
-        if let Some(fake) = &self.fake {
-            tokio::spawn(fake_feed(
-                fake.clone(),
-                query.clone(),
-                latest_tx,
-                state_tx,
-                stop.clone(),
-            ));
-            return Subscription {
-                name: query.name,
+        let senders = match (&self.fake, senders) {
+            (Some(fake), Some((latest_tx, state_tx))) => {
+                tokio::spawn(fake_feed(
+                    fake.clone(),
+                    query.clone(),
+                    latest_tx,
+                    state_tx,
+                    stop.clone(),
+                ));
+                None
+            }
+            (_, senders) => senders,
+        };
+        if let Some((latest, state)) = senders {
+            let task = LiveTask {
+                config: self.config().clone(),
+                query: query.clone(),
+                options,
                 latest,
                 state,
-                differ: Differ::new(),
-                last_connection: 0,
-                _stop: stop.drop_guard(),
             };
+            tokio::spawn(task.run(stop.clone()));
         }
-        let task = LiveTask {
-            config: self.config().clone(),
-            query: query.clone(),
-            options,
-            latest: latest_tx,
-            state: state_tx,
-        };
-        tokio::spawn(task.run(stop.clone()));
         Subscription {
             name: query.name,
             latest,
