@@ -326,12 +326,15 @@ impl Agent {
         self.reconcile_zygotes();
         while self.finished.is_none() {
             tokio::select! {
+                // In this order: what finished is taken into account before new requests (a
+                // task reports before it answers its caller, see `tasks::deliver`).
+                biased;
                 () = shutdown.cancelled(), if !shutdown_seen => {
                     shutdown_seen = true;
                     self.begin_drain(false, "shutdown requested");
                 }
-                Some(command) = self.commands.recv() => self.on_command(command),
                 Some(done) = self.done.recv() => self.on_done(done),
+                Some(command) = self.commands.recv() => self.on_command(command),
                 Some(snapshot) = mandelbox_rows.next() => self.on_mandelbox_rows(&snapshot),
                 Some(snapshot) = instance_rows.next() => self.on_instance_rows(&snapshot),
                 event = events.next() => match event {

@@ -320,6 +320,10 @@ static DECODING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Phase B, second step: the client's config goes in, the box signals readiness, the row turns
 /// RUNNING and the caller gets its ports and key.
+///
+/// Every exit reports to the agent before it answers the caller, and the agent takes reports
+/// before new requests: a caller that retries at once (after a refused configuration, say) meets
+/// the box in the phase the report put it in, never in the one before.
 pub(crate) async fn deliver(
     context: Context,
     mut request: TransportRequest,
@@ -337,8 +341,8 @@ pub(crate) async fn deliver(
         tokio::task::spawn_blocking(move || files::decode_client_config(&json_data)).await
     };
     let Ok(Ok(config)) = decoded else {
-        request.answer(Err(TransportError::BadConfig));
         context.report(Done::ConfigRefused { id });
+        request.answer(Err(TransportError::BadConfig));
         return;
     };
     let written = {
@@ -346,23 +350,23 @@ pub(crate) async fn deliver(
         tokio::task::spawn_blocking(move || files::write_client_config(&dir, &config)).await
     };
     if !matches!(written, Ok(Ok(()))) {
+        context.report(Done::Delivered { id, ok: false });
         request.answer(Err(TransportError::Internal(
             "could not hand the configuration to the mandelbox".to_owned(),
         )));
-        context.report(Done::Delivered { id, ok: false });
         return;
     }
     let ready_in_time = tokio::select! {
         ready = files::wait_for_ready(&dir, ready_timeout) => ready,
         () = ended.cancelled() => {
-            request.answer(Err(TransportError::Gone));
             context.report(Done::Delivered { id, ok: false });
+            request.answer(Err(TransportError::Gone));
             return;
         }
     };
     if !ready_in_time {
-        request.answer(Err(TransportError::NotReady(ready_timeout)));
         context.report(Done::Delivered { id, ok: false });
+        request.answer(Err(TransportError::NotReady(ready_timeout)));
         return;
     }
     // RUNNING is accepted as a source too, so a retry after a lost answer still succeeds.
@@ -378,21 +382,21 @@ pub(crate) async fn deliver(
     {
         // The box may have ended while the row was written: never hand out its ports then.
         Ok(Some(_)) if ended.is_cancelled() => {
-            request.answer(Err(TransportError::Gone));
             context.report(Done::Delivered { id, ok: false });
+            request.answer(Err(TransportError::Gone));
         }
         Ok(Some(_)) => {
-            request.answer(Ok(ready));
             context.report(Done::Delivered { id, ok: true });
+            request.answer(Ok(ready));
         }
         Ok(None) => {
-            request.answer(Err(TransportError::Gone));
             context.report(Done::Delivered { id, ok: false });
+            request.answer(Err(TransportError::Gone));
         }
         Err(error) => {
             tracing::warn!(mandelbox.id = %id, %error, "mark mandelbox RUNNING");
-            request.answer(Err(TransportError::Unavailable));
             context.report(Done::Delivered { id, ok: false });
+            request.answer(Err(TransportError::Unavailable));
         }
     }
 }

@@ -828,3 +828,21 @@ async fn zygotes_that_keep_failing_make_the_host_unready_until_one_starts() {
         "no failed container left"
     );
 }
+
+/// On worker threads and real time: the race is between the caller's thread and the agent's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_who_retries_at_once_after_a_refused_configuration_is_served() {
+    let host = Host::start(1).await;
+    let id = host.claimed_and_connecting().await;
+    host.make_ready(id);
+    // Many times over: the retry must never meet the box before the refusal was taken in.
+    for attempt in 0..50 {
+        let (request, reply) =
+            TransportRequest::new(id, Some(OWNER.to_owned()), format!("bad {attempt}"));
+        host.agent.transport(request).await;
+        assert_eq!(answered(reply).await, Err(TransportError::BadConfig));
+    }
+    host.transport(id, OWNER)
+        .await
+        .expect("the good configuration right after starts the session");
+}
