@@ -26,6 +26,7 @@ pub async fn all(db: &HasuraClient) {
     conditional_deletes_and_reads_with_relationships(db).await;
     instance_writes_keep_to_their_conditions(db).await;
     fenced_writes_land_only_for_the_lease_holder(db).await;
+    a_lapsed_lease_renewed_is_a_new_term(db).await;
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -442,4 +443,38 @@ pub async fn fenced_writes_land_only_for_the_lease_holder(db: &HasuraClient) {
         lease.generation + 1,
         "a new holder, a new term"
     );
+}
+
+pub async fn a_lapsed_lease_renewed_is_a_new_term(db: &HasuraClient) {
+    let name = unique("lease");
+    db.execute(&ops::create_lease(&name)).await.expect("create");
+    let first = db
+        .execute(&ops::acquire_lease(&name, "replica-a", 1))
+        .await
+        .expect("answer")
+        .expect("taken");
+    let fence = Fence {
+        lease: name.clone(),
+        holder: "replica-a".to_owned(),
+        generation: first.generation,
+    };
+    // Past the one-second lease on the database's clock.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let refused = db.execute(&ops::lease_check(&fence)).await;
+    assert!(
+        matches!(refused, Err(DbError::Fenced { .. })),
+        "{refused:?}"
+    );
+    let renewed = db
+        .execute(&ops::acquire_lease(&name, "replica-a", 60))
+        .await
+        .expect("answer")
+        .expect("a lapsed lease is free, to its old holder too");
+    assert_eq!(
+        renewed.generation,
+        first.generation + 1,
+        "writes of the lapsed term must not land in the new one"
+    );
+    let stale = db.execute(&ops::lease_check(&fence)).await;
+    assert!(matches!(stale, Err(DbError::Fenced { .. })), "{stale:?}");
 }

@@ -13,7 +13,11 @@
 //! cut the live queries off, act as the scaling-service (claim a box) and read every table.
 //!
 //! It serves the operations the agent, the executor and the leader send; any other answers a
-//! validation error naming it, so a test that strays fails loudly. It is held to the engine on
+//! validation error naming it, and a live query it does not serve never connects (its state says
+//! why), so a test that strays fails loudly. Its clock is the machine's, moved on with
+//! [`FakeDatabase::advance_clock`] (tokio's paused time does not move it). Unlike Hasura, which
+//! polls, it publishes every write at once, and a cut is noticed at once rather than after the
+//! keep-alive. It is held to the engine on
 //! shared cases ([`conformance`], which `tests/stack_fake_conformance.rs` runs on the engine).
 
 pub mod conformance;
@@ -36,6 +40,9 @@ pub enum Fault {
     Unavailable,
     /// The engine answers with a GraphQL error of this `extensions.code` and message.
     Error { code: String, message: String },
+    /// The call is applied, but its answer never arrives (HTTP 503 after the commit): what a
+    /// retry must survive.
+    AnswerLost,
 }
 
 /// An in-memory database. Cheap to share: every client it hands out reaches the same tables.
@@ -160,21 +167,24 @@ impl FakeDatabase {
                 .iter()
                 .position(|(op, _)| op == name)
                 .and_then(|at| state.faults.remove(at));
+            let answer_lost = matches!(fault, Some((_, Fault::AnswerLost)));
             match fault {
+                Some((_, Fault::AnswerLost)) | None => {}
                 Some((_, Fault::Unavailable)) => {
                     return (503, b"service unavailable".to_vec());
                 }
                 Some((_, Fault::Error { code, message })) => {
                     return (200, errors(&code, &message));
                 }
-                None => {}
             }
-            state
+            let hold = state
                 .holds
                 .iter()
                 .position(|(op, _)| op == name)
-                .map(|at| state.holds.remove(at).1)
+                .map(|at| state.holds.remove(at).1);
+            (hold, answer_lost)
         };
+        let (hold, answer_lost) = hold;
         if let Some(hold) = hold {
             hold.wait_released(variables).await;
         }
@@ -195,6 +205,9 @@ impl FakeDatabase {
         };
         if wrote {
             self.version.send_modify(|version| *version += 1);
+        }
+        if answer_lost {
+            return (503, b"service unavailable".to_vec());
         }
         match answer {
             Ok(data) => (
@@ -329,6 +342,12 @@ impl FakeDatabase {
         self.lock().tables.mandelboxes()
     }
 
+    /// Moves the database's clock on (it is the machine's, not tokio's): leases expire and
+    /// heartbeats age by it.
+    pub fn advance_clock(&self, by: chrono::Duration) {
+        self.write(|tables| tables.advance_clock(by));
+    }
+
     /// Makes `holder` the holder of lease `name` in a new generation for an hour, and returns
     /// its fence.
     pub fn grant_lease(&self, name: &str, holder: &str) -> Fence {
@@ -447,6 +466,31 @@ mod tests {
         let deleted = retire.await.expect("task").expect("answer");
         assert_eq!(deleted, None, "the claim won");
         assert_eq!(fake.instance("i-1").expect("row").remaining_capacity, 0);
+    }
+
+    #[tokio::test]
+    async fn the_database_clock_moves_leases_and_heartbeats_on() {
+        let fake = FakeDatabase::new();
+        let db = fake.client();
+        let fence = fake.grant_lease("scaling", "replica-a");
+        db.execute(&ops::lease_check(&fence)).await.expect("holds");
+        db.execute(&ops::insert_instances(&[host("i-1")]))
+            .await
+            .expect("insert");
+        let id = MandelboxId::new_random();
+        db.execute(&ops::insert_mandelboxes(&[NewMandelbox::waiting(
+            id, "CHROME", "i-1",
+        )]))
+        .await
+        .expect("insert");
+        fake.advance_clock(chrono::Duration::hours(2));
+        let lapsed = db.execute(&ops::lease_check(&fence)).await;
+        assert!(matches!(lapsed, Err(DbError::Fenced { .. })), "{lapsed:?}");
+        let stale = fake.claim(id, "alice", "1").expect_err("a silent host");
+        assert!(stale.contains("no heartbeat"), "{stale}");
+        assert!(db.execute(&ops::heartbeat("i-1")).await.expect("heartbeat"));
+        fake.claim(id, "alice", "1")
+            .expect("a host that beats again takes sessions");
     }
 
     #[tokio::test]

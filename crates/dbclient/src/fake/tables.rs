@@ -61,6 +61,8 @@ pub(crate) struct Tables {
     instances: BTreeMap<String, Instance>,
     mandelboxes: BTreeMap<MandelboxId, Mandelbox>,
     leases: BTreeMap<String, Lease>,
+    /// How far the database's clock is ahead of this machine's (moved by the tests).
+    clock_ahead: chrono::Duration,
 }
 
 /// Reads a variable, or refuses the request as the engine refuses a missing one.
@@ -68,6 +70,24 @@ fn var<T: DeserializeOwned>(variables: &Value, name: &str) -> Result<T, Refusal>
     let value = variables.get(name).cloned().unwrap_or(Value::Null);
     serde_json::from_value(value)
         .map_err(|error| Refusal::invalid(format!("variable {name:?}: {error}")))
+}
+
+/// `mandelboxes_user_matches_status`: a waiting box belongs to nobody, a box in a session to
+/// someone.
+fn check_user_matches_status(row: &Mandelbox) -> Result<(), Refusal> {
+    let matches = match row.status {
+        MandelboxStatus::Waiting => row.user_id.is_none(),
+        MandelboxStatus::Dying => true,
+        _ => row.user_id.is_some(),
+    };
+    if matches {
+        Ok(())
+    } else {
+        Err(Refusal::check(format!(
+            "new row for relation \"mandelboxes\" violates check constraint \"mandelboxes_user_matches_status\" ({} {})",
+            row.id, row.status
+        )))
+    }
 }
 
 fn rows<T: serde::Serialize>(rows: impl IntoIterator<Item = T>) -> Value {
@@ -84,6 +104,15 @@ fn mutated<T: serde::Serialize>(changed: Vec<T>) -> Value {
 }
 
 impl Tables {
+    /// `now()` on the database's clock.
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.clock_ahead
+    }
+
+    pub(crate) fn advance_clock(&mut self, by: chrono::Duration) {
+        self.clock_ahead += by;
+    }
+
     pub(crate) fn answer(&mut self, name: &str, variables: &Value) -> Answer {
         // A fenced write carries the fence's variables; its check runs first, as the first root
         // field of the mutation does.
@@ -91,8 +120,8 @@ impl Tables {
         if fenced {
             self.check_fence(variables)?;
         }
-        let data = match name {
-            "LeaseCheck" => json!({ "fence": { "affected_rows": 1 } }),
+        let mut data = match name {
+            "LeaseCheck" => json!({}),
             "CreateLease" => {
                 let name: String = var(variables, "name")?;
                 if self.leases.contains_key(&name) {
@@ -125,7 +154,7 @@ impl Tables {
             "ReleaseLease" => {
                 let name: String = var(variables, "name")?;
                 let holder: String = var(variables, "holder")?;
-                let now = Utc::now();
+                let now = self.now();
                 let changed: Vec<_> = match self.leases.get_mut(&name) {
                     Some(lease) if lease.holder.as_deref() == Some(holder.as_str()) => {
                         // Free at once, same generation: the next holder bumps it.
@@ -238,7 +267,8 @@ impl Tables {
             }
             "Heartbeat" => {
                 let id: String = var(variables, "id")?;
-                let found = self.update_instance(&id, |row| row.heartbeat_at = Utc::now());
+                let now = self.now();
+                let found = self.update_instance(&id, |row| row.heartbeat_at = now);
                 json!({ "update_whist_instances": { "affected_rows": u64::from(found) } })
             }
             "TransitionInstance" => {
@@ -304,6 +334,9 @@ impl Tables {
                 )));
             }
         };
+        if fenced {
+            data["fence"] = json!({ "affected_rows": 0 });
+        }
         Ok(data)
     }
 
@@ -319,8 +352,16 @@ impl Tables {
         Ok(match name {
             "LiveInstances" => rows(self.instances.values()),
             "LiveInstance" => rows(self.instances.get(&text("id")?)),
-            "LiveMandelboxes" => rows(self.mandelboxes()),
-            "LiveMandelboxesOnInstance" => rows(self.boxes_on(&text("instance_id")?)),
+            // Ordered by id, as their documents ask.
+            "LiveMandelboxes" => rows(self.mandelboxes.values()),
+            "LiveMandelboxesOnInstance" => {
+                let instance = text("instance_id")?;
+                rows(
+                    self.mandelboxes
+                        .values()
+                        .filter(|row| row.instance_id == instance),
+                )
+            }
             other => {
                 return Err(format!(
                     "the fake database does not serve live query {other:?}"
@@ -338,7 +379,7 @@ impl Tables {
         let holds = self.leases.get(&lease).is_some_and(|row| {
             row.holder.as_deref() == Some(holder.as_str())
                 && row.generation == generation
-                && row.expires_at > Utc::now()
+                && row.expires_at > self.now()
         });
         if holds {
             Ok(())
@@ -352,13 +393,15 @@ impl Tables {
     /// `config.leases_decide`: the holder renews; anyone takes a free or expired lease (a new
     /// generation); a live lease of another holder is left alone.
     fn acquire_lease(&mut self, name: &str, holder: &str, seconds: i64) -> Option<Lease> {
-        let now = Utc::now();
+        let now = self.now();
         let lease = self.leases.get_mut(name)?;
         let renewing = lease.holder.as_deref() == Some(holder);
-        if !renewing && lease.expires_at > now {
+        let live = lease.expires_at > now;
+        if !renewing && live {
             return None;
         }
-        if !renewing {
+        // A new holder, or the same one after its lease lapsed: a new term.
+        if !renewing || !live {
             lease.generation += 1;
             lease.holder = Some(holder.to_owned());
         }
@@ -370,7 +413,7 @@ impl Tables {
     fn insert_mandelboxes(&mut self, variables: &Value) -> Result<usize, Refusal> {
         let objects: Vec<Value> = var(variables, "objects")?;
         let count = objects.len();
-        let now = Utc::now();
+        let now = self.now();
         for object in objects {
             let mut object = object;
             object["created_at"] = json!(now);
@@ -394,9 +437,8 @@ impl Tables {
                     row.instance_id
                 )));
             }
-            let assigned = row.user_id.is_some();
+            check_user_matches_status(&row)?;
             let row = self.apply_assignment(None, row)?;
-            debug_assert!(!assigned || row.user_id.is_some());
             self.mandelboxes.insert(row.id, row);
         }
         Ok(count)
@@ -404,7 +446,7 @@ impl Tables {
 
     fn insert_instance(&mut self, object: Value) -> Result<(), Refusal> {
         let mut object = object;
-        let now = Utc::now();
+        let now = self.now();
         for (column, default) in [
             ("created_at", json!(now)),
             ("updated_at", json!(now)),
@@ -432,6 +474,7 @@ impl Tables {
 
     /// Writes an updated mandelbox row through the assignment trigger's rules.
     fn update_mandelbox(&mut self, row: Mandelbox) -> Result<Mandelbox, Refusal> {
+        check_user_matches_status(&row)?;
         let old = self.mandelboxes.get(&row.id).cloned();
         let row = self.apply_assignment(old.as_ref(), row)?;
         self.mandelboxes.insert(row.id, row.clone());
@@ -454,7 +497,7 @@ impl Tables {
                 )));
             }
             if old.status != row.status {
-                row.updated_at = Utc::now();
+                row.updated_at = self.now();
             }
         }
         let was_assigned = old.is_some_and(|old| old.user_id.is_some());
@@ -482,9 +525,10 @@ impl Tables {
         }
         let is_assigned = row.user_id.is_some();
         if is_assigned && !was_assigned {
-            let instance = self.instances.get_mut(&row.instance_id);
             let max_age = chrono::Duration::seconds(ASSIGN_HEARTBEAT_MAX_AGE_SECONDS);
-            let stale_before = Utc::now() - max_age;
+            let now = self.now();
+            let stale_before = now - max_age;
+            let instance = self.instances.get_mut(&row.instance_id);
             match instance {
                 Some(instance)
                     if instance.status == InstanceStatus::Active
@@ -492,6 +536,7 @@ impl Tables {
                         && instance.heartbeat_at >= stale_before =>
                 {
                     instance.remaining_capacity -= 1;
+                    instance.updated_at = now;
                 }
                 Some(instance) if instance.status != InstanceStatus::Active => {
                     return Err(Refusal::check(format!(
@@ -525,9 +570,7 @@ impl Tables {
     }
 
     fn give_capacity_back(&mut self, instance_id: &str) {
-        if let Some(instance) = self.instances.get_mut(instance_id) {
-            instance.remaining_capacity += 1;
-        }
+        self.update_instance(instance_id, |instance| instance.remaining_capacity += 1);
     }
 
     // ---- direct access (the fake's own API) ----
@@ -557,14 +600,12 @@ impl Tables {
 
     /// Changes an instance in place; `false` when there is no such row.
     pub(crate) fn update_instance(&mut self, id: &str, change: impl FnOnce(&mut Instance)) -> bool {
+        let now = self.now();
         let Some(row) = self.instances.get_mut(id) else {
             return false;
         };
-        let status = row.status;
         change(row);
-        if row.status != status {
-            row.updated_at = Utc::now();
-        }
+        row.updated_at = now;
         true
     }
 
@@ -582,7 +623,7 @@ impl Tables {
     }
 
     pub(crate) fn grant_lease(&mut self, name: &str, holder: &str) -> Fence {
-        let now = Utc::now();
+        let now = self.now();
         let lease = self.leases.entry(name.to_owned()).or_insert_with(|| Lease {
             name: name.to_owned(),
             holder: None,

@@ -214,10 +214,19 @@ async fn fake_feed<T: DeserializeOwned>(
                 break;
             }
             versions.borrow_and_update();
-            let rows = fake
+            let rows = match fake
                 .live_rows(query.name, &query.variables)
                 .and_then(|rows| serde_json::from_value::<Vec<T>>(rows).map_err(|e| e.to_string()))
-                .unwrap_or_else(|error| panic!("{}: {error}", query.name));
+            {
+                Ok(rows) => rows,
+                Err(error) => {
+                    // Never delivers, like a subscription the engine refuses.
+                    tracing::error!(live_query = query.name, %error, "the fake database cannot serve it");
+                    state.send_replace(ConnectionState::Waiting { attempt: 1, error });
+                    stop.cancelled().await;
+                    return;
+                }
+            };
             latest.send_replace(Some(Arc::new(Published {
                 rows: Arc::new(rows),
                 connection,

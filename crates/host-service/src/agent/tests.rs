@@ -471,6 +471,7 @@ async fn a_database_outage_during_the_accept_is_repaired_by_the_resync() {
     for _ in 0..5 {
         host.db.fail_next("TransitionMandelbox", Fault::Unavailable);
     }
+    let resyncs = host.db.count("InstanceWithMandelboxes");
     host.db.claim(id, OWNER, "1").expect("claim");
     host.until("the host accepts the claim after all", |host| {
         host.row(id)
@@ -478,6 +479,10 @@ async fn a_database_outage_during_the_accept_is_repaired_by_the_resync() {
     })
     .await;
     assert!(host.db.count("TransitionMandelbox") >= 6);
+    assert!(
+        host.db.count("InstanceWithMandelboxes") > resyncs,
+        "the resync read the row and accepted it again"
+    );
     host.make_ready(id);
     host.transport(id, OWNER).await.expect("session starts");
 }
@@ -845,4 +850,29 @@ async fn an_owner_who_retries_at_once_after_a_refused_configuration_is_served() 
     host.transport(id, OWNER)
         .await
         .expect("the good configuration right after starts the session");
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_whose_answers_were_lost_are_retried_and_land_once() {
+    let host = Host::start(1).await;
+    let id = host.rows()[0].id;
+    // The accept commits but its answer never comes; its retry finds the row CONNECTING.
+    host.db.fail_next("TransitionMandelbox", Fault::AnswerLost);
+    host.db.claim(id, OWNER, "1").expect("claim");
+    host.until("accepted", |host| {
+        host.row(id)
+            .is_some_and(|row| row.status == MandelboxStatus::Connecting)
+    })
+    .await;
+    host.until("the accept settled", |host| {
+        host.in_phase("connecting") == 1
+    })
+    .await;
+    assert_eq!(host.db.count("TransitionMandelbox"), 2);
+    // The same for the RUNNING write.
+    host.db.fail_next("TransitionMandelbox", Fault::AnswerLost);
+    host.make_ready(id);
+    host.transport(id, OWNER).await.expect("the session starts");
+    assert_eq!(host.row(id).expect("row").status, MandelboxStatus::Running);
+    assert_eq!(host.db.count("TransitionMandelbox"), 4);
 }

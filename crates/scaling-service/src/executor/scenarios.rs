@@ -270,7 +270,8 @@ async fn a_drain_happens_only_while_the_host_is_idle() {
     for id in &ids {
         scene.register(id);
     }
-    // A claim took one session on the second host after the decision was made.
+    // The decision saw both idle; a claim took a session on the second host after it.
+    let decided_on = scene.fleet();
     scene
         .db
         .update_instance(&ids[1], |row| row.remaining_capacity = CAPACITY - 1);
@@ -281,7 +282,10 @@ async fn a_drain_happens_only_while_the_host_is_idle() {
             reason: DrainReason::Surplus,
         })
         .collect();
-    let outcome = scene.run(drains).await;
+    let outcome = scene
+        .executor
+        .run(&scene.term, REGION, drains, &decided_on)
+        .await;
     assert_eq!(outcome.drained, 1);
     assert_eq!(
         scene.db.instance(&ids[0]).expect("row").status,
@@ -298,11 +302,22 @@ async fn a_drain_happens_only_while_the_host_is_idle() {
 async fn a_terminate_ends_the_machine_then_deletes_its_row() {
     let scene = Scene::new();
     let id = scene.hosts(1).await.remove(0);
-    let outcome = scene.run(vec![terminate(&id)]).await;
+    let delete = scene.db.hold_next("DeleteFleetInstance");
+    let run = scene.run(vec![terminate(&id)]);
+    let check = async {
+        delete.arrived().await;
+        let machine = scene.cloud.machines(REGION).remove(0);
+        assert_eq!(
+            machine.state,
+            CloudState::Terminated,
+            "the machine ends before its row goes"
+        );
+        assert!(scene.db.instance(&id).is_some());
+        delete.release();
+    };
+    let (outcome, ()) = tokio::join!(run, check);
     assert_eq!(outcome.errors, 0);
     assert!(scene.db.instance(&id).is_none());
-    let machine = scene.cloud.machines(REGION).remove(0);
-    assert_eq!(machine.state, CloudState::Terminated);
 }
 
 #[tokio::test(start_paused = true)]
