@@ -194,6 +194,7 @@ mod tests {
                 enabled: true,
                 desired_free_mandelboxes: 2,
                 instance_types: vec!["g4dn.2xlarge".into()],
+                schedule_time_zone: "UTC".into(),
             }],
             images: vec![],
             instances: vec![

@@ -31,6 +31,7 @@ impl Region {
             enabled,
             desired_free_mandelboxes: 0,
             instance_types: vec!["g4dn.2xlarge".into()],
+            schedule_time_zone: "UTC".into(),
         }))
         .await
         .expect("region");

@@ -457,6 +457,7 @@ async fn region_configuration_round_trips() {
         enabled: true,
         desired_free_mandelboxes: 4,
         instance_types: vec!["g4dn.2xlarge".into(), "g5.2xlarge".into()],
+        schedule_time_zone: "UTC".into(),
     };
     client
         .execute(&ops::config::set_region_config(&config))

@@ -142,6 +142,7 @@ fn region(rng: &mut fastrand::Rng, n: usize, now: DateTime<Utc>) -> RegionSnapsh
         region: format!("region-{n:02}"),
         enabled: !(n == 17 || n == 41),
         desired_free: rng.u32(10..60),
+        schedule: scaling_service::algorithm::BufferSchedule::default(),
         instance_types: types.iter().map(|&t| t.to_owned()).collect(),
         unavailable_types: Vec::new(),
         current_image: Some(image("ami-current", "sha-current")),

@@ -312,6 +312,7 @@ async fn fleet(
         enabled: true,
         desired_free_mandelboxes: 0,
         instance_types: vec!["g4dn.12xlarge".into()],
+        schedule_time_zone: "UTC".into(),
     }))
     .await?;
     db.execute(&ops::set_image("AWS", region, "ami-bench", "bench-sha"))
@@ -393,6 +394,7 @@ async fn set_target(db: &HasuraClient, region: &str, target: i32) -> anyhow::Res
         enabled: true,
         desired_free_mandelboxes: target,
         instance_types: vec!["g4dn.2xlarge".into()],
+        schedule_time_zone: "UTC".into(),
     }))
     .await?;
     Ok(())

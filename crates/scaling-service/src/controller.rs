@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use whist_types::{Environment, FleetSettings, InstanceStatus, UpgradeStatus, capacity_of};
 
 use crate::algorithm::{
-    Action, HostView, ImageRef, RegionSnapshot, ScalingAlgorithm, ScalingSettings, UpgradeState,
-    UpgradeView,
+    Action, BufferSchedule, HostView, ImageRef, RegionSnapshot, ScalingAlgorithm, ScalingSettings,
+    UpgradeState, UpgradeView,
 };
 use crate::executor::{
     Executor, Outcome, Reconciled, fleet_name, hold_back_mass_silence, without_reaps,
@@ -234,7 +234,12 @@ impl Controller {
                 }
                 let mut snapshot = snapshot(&fleet, &region, self.environment, memory);
                 snapshot.settings = scaling_settings(&self.settings(&fleet));
-                self.record_metrics(&snapshot);
+                if !snapshot.schedule.is_empty() && !snapshot.schedule.zone_known() {
+                    // The database checks zone names; one this build does not know (an older
+                    // zone table) leaves the region on its default target.
+                    self.metrics.error("schedule_time_zone");
+                }
+                self.record_metrics(&snapshot, now);
                 let decided = self.algorithm.decide(&snapshot, now);
                 let threshold = self.executor.safety.heartbeat_loss_threshold;
                 let (mut actions, silent) = hold_back_mass_silence(decided, &snapshot, threshold);
@@ -451,7 +456,7 @@ impl Controller {
         regions
     }
 
-    fn record_metrics(&self, snapshot: &RegionSnapshot) {
+    fn record_metrics(&self, snapshot: &RegionSnapshot, now: DateTime<Utc>) {
         let current = snapshot.current_image.as_ref().map(|i| i.image_id.as_str());
         let free: i64 = snapshot
             .hosts
@@ -466,7 +471,7 @@ impl Controller {
         let count = |status| snapshot.hosts.iter().filter(|h| h.status == status).count() as i64;
         self.metrics.region(
             &snapshot.region,
-            snapshot.desired_free,
+            snapshot.desired_free_at(now),
             free,
             &[
                 ("PRE_CONNECTION", count(InstanceStatus::PreConnection)),
@@ -502,6 +507,19 @@ fn snapshot(
         region: region.to_owned(),
         enabled: config.is_some_and(|c| c.enabled),
         desired_free: config.map_or(0, |c| c.desired_free_mandelboxes.max(0) as u32),
+        schedule: config.map_or_else(BufferSchedule::default, |config| {
+            let cells = fleet.schedules.get(region).into_iter().flatten();
+            BufferSchedule::new(
+                &config.schedule_time_zone,
+                cells.map(|cell| {
+                    (
+                        u8::try_from(cell.weekday).unwrap_or(0),
+                        u8::try_from(cell.hour).unwrap_or(u8::MAX),
+                        u32::try_from(cell.desired_free_mandelboxes).unwrap_or(0),
+                    )
+                }),
+            )
+        }),
         instance_types: config.map(|c| c.instance_types.clone()).unwrap_or_default(),
         unavailable_types: memory.short_of.keys().cloned().collect(),
         current_image: swapped.clone().or_else(|| {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use whist_dbclient::{ConnectionState, HasuraClient, LiveOptions, live};
 use whist_types::{
     DesktopAppVersion, FleetSettings, Image, ImageUpgrade, Instance, InstanceStatus, RegionConfig,
-    capacity_of,
+    ScheduledBuffer, capacity_of,
 };
 
 /// One consistent-enough picture of the fleet (each part is the latest of its live query).
@@ -28,6 +28,8 @@ pub struct Fleet {
     pub regions: Arc<BTreeMap<String, RegionConfig>>,
     pub settings: Option<FleetSettings>,
     pub desktop_app_version: Option<DesktopAppVersion>,
+    /// Buffer schedules by region, hour by hour (regions without one are absent).
+    pub schedules: Arc<BTreeMap<String, Vec<ScheduledBuffer>>>,
     /// Upgrades in progress, by region.
     pub upgrades: Arc<BTreeMap<String, ImageUpgrade>>,
     /// Since when each instance has had no session (instances with sessions are absent).
@@ -85,6 +87,7 @@ impl FleetView {
         let mut regions = db.subscribe_with(live::queries::region_configs(), options.clone());
         let mut settings = db.subscribe_with(live::queries::fleet_settings(), options.clone());
         let mut version = db.subscribe_with(live::queries::desktop_app_version(), options.clone());
+        let mut schedules = db.subscribe_with(live::queries::region_schedules(), options.clone());
         let mut upgrades = db.subscribe_with(live::queries::upgrades_in_progress(), options);
         let states = vec![
             instances.state_watch(),
@@ -93,9 +96,10 @@ impl FleetView {
             settings.state_watch(),
             version.state_watch(),
             upgrades.state_watch(),
+            schedules.state_watch(),
         ];
         tokio::spawn(async move {
-            let mut seen = [false; 6];
+            let mut seen = [false; 7];
             loop {
                 let mut fleet = publish.borrow().clone();
                 tokio::select! {
@@ -127,6 +131,14 @@ impl FleetView {
                     Some(snapshot) = upgrades.next() => {
                         seen[5] = true;
                         fleet.upgrades = Arc::new(snapshot.rows.iter().map(|u| (u.region.clone(), u.clone())).collect());
+                    }
+                    Some(snapshot) = schedules.next() => {
+                        seen[6] = true;
+                        let mut by_region: BTreeMap<String, Vec<ScheduledBuffer>> = BTreeMap::new();
+                        for cell in snapshot.rows.iter() {
+                            by_region.entry(cell.region.clone()).or_default().push(cell.clone());
+                        }
+                        fleet.schedules = Arc::new(by_region);
                     }
                 }
                 fleet.complete = seen.iter().all(|&s| s);

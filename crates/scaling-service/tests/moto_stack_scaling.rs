@@ -385,3 +385,53 @@ async fn a_host_launched_outside_the_database_is_recorded_and_a_vanished_one_for
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_buffer_for_this_hour_drives_a_launch() {
+    use chrono::{Datelike, Timelike};
+    let name = "me-south-1";
+    let db = common::db();
+    let _region = region(&db, name, 0).await;
+    db.execute(&ops::set_region_schedule(name, &[]))
+        .await
+        .expect("no schedule yet");
+    let _agents = HostAgents::start(db.clone(), name.to_owned());
+    let scaler = Scaler::scaling(issuer().await, &[name], &unique("lease"), "solo").await;
+    wait_leader(&scaler).await;
+    let target = format!("whist_scaling_region_target_free{{region=\"{name}\"}}");
+    eventually("a decision with the default target", PATIENCE, || async {
+        scaler.metric_present(&target).await.then_some(())
+    })
+    .await;
+    assert_eq!(scaler.metric(&target).await, 0.0);
+    assert!(instances(&db, name).await.is_empty(), "target 0: nothing");
+
+    // This hour and the next (the hour may turn during the test) want two free sessions.
+    let now = Utc::now();
+    let cells: Vec<whist_types::ScheduledBuffer> = [now, now + chrono::Duration::hours(1)]
+        .iter()
+        .map(|time| whist_types::ScheduledBuffer {
+            region: name.to_owned(),
+            weekday: i16::try_from(time.weekday().number_from_monday()).expect("1-7"),
+            hour: i16::try_from(time.hour()).expect("0-23"),
+            desired_free_mandelboxes: 2,
+        })
+        .collect();
+    db.execute(&ops::set_region_schedule(name, &cells))
+        .await
+        .expect("schedule");
+    eventually(
+        "one ACTIVE host for the scheduled buffer",
+        PATIENCE,
+        || async {
+            let rows = instances(&db, name).await;
+            (rows.len() == 1 && rows[0].status == InstanceStatus::Active).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(scaler.metric(&target).await, 2.0);
+    assert_eq!(cloud_hosts(name).await.len(), 1);
+    db.execute(&ops::set_region_schedule(name, &[]))
+        .await
+        .expect("clear the schedule");
+}

@@ -11,6 +11,13 @@ pub struct RegionConfig {
     pub desired_free_mandelboxes: i32,
     /// Instance types to launch, in order of preference.
     pub instance_types: Vec<String>,
+    /// The IANA time zone of the region's buffer schedule (`config.region_schedules`).
+    #[serde(default = "utc")]
+    pub schedule_time_zone: String,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
 }
 
 /// The single row of `config.settings`.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod image;
 pub mod instance;
 pub mod mandelbox;
+pub mod schedule;
 mod status;
 pub mod upgrade;
 
@@ -22,5 +23,6 @@ pub use instance::{
     PROVIDER_AWS, host_address,
 };
 pub use mandelbox::{Mandelbox, MandelboxId, MandelboxStatus, NewMandelbox};
+pub use schedule::ScheduledBuffer;
 pub use status::UnknownStatus;
 pub use upgrade::{ImageUpgrade, Lease, UpgradeStatus};

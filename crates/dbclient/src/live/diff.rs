@@ -51,6 +51,14 @@ impl Keyed for whist_types::ImageUpgrade {
     }
 }
 
+impl Keyed for whist_types::ScheduledBuffer {
+    type Key = (String, i16, i16);
+
+    fn key(&self) -> (String, i16, i16) {
+        (self.region.clone(), self.weekday, self.hour)
+    }
+}
+
 impl Keyed for RegionConfig {
     type Key = String;
 

@@ -4,9 +4,13 @@
 use std::marker::PhantomData;
 
 use serde_json::{Value, json};
-use whist_types::{DesktopAppVersion, FleetSettings, Image, Instance, Mandelbox, RegionConfig};
+use whist_types::{
+    DesktopAppVersion, FleetSettings, Image, Instance, Mandelbox, RegionConfig, ScheduledBuffer,
+};
 
-use crate::ops::config::{desktop_app_version_fields, region_fields, settings_fields};
+use crate::ops::config::{
+    desktop_app_version_fields, region_fields, schedule_fields, settings_fields,
+};
 use crate::ops::{image_fields, instance_fields, mandelbox_fields};
 
 /// A subscription document, its variables and the root field holding the rows.
@@ -135,6 +139,22 @@ pub fn region_configs() -> LiveQuery<RegionConfig> {
         REGION_CONFIGS,
         json!({}),
         "config_regions",
+    )
+}
+
+const REGION_SCHEDULES: &str = concat!(
+    "subscription LiveRegionSchedules { config_region_schedules(order_by: [{region: asc}, {weekday: asc}, {hour: asc}]) { ",
+    schedule_fields!(),
+    " } }"
+);
+
+/// Every region's buffer schedule, hour by hour.
+pub fn region_schedules() -> LiveQuery<ScheduledBuffer> {
+    LiveQuery::new(
+        "LiveRegionSchedules",
+        REGION_SCHEDULES,
+        json!({}),
+        "config_region_schedules",
     )
 }
 

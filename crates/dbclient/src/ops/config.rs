@@ -5,7 +5,7 @@
 //! `update_desktop_app_version_by_pk`.
 
 use serde_json::json;
-use whist_types::{DesktopAppVersion, Environment, FleetSettings, RegionConfig};
+use whist_types::{DesktopAppVersion, Environment, FleetSettings, RegionConfig, ScheduledBuffer};
 
 use crate::Operation;
 use crate::operation::{affected_rows, field};
@@ -13,7 +13,7 @@ use crate::operation::{affected_rows, field};
 /// The columns of `config.regions` the services read.
 macro_rules! region_fields {
     () => {
-        "region enabled desired_free_mandelboxes instance_types"
+        "region enabled desired_free_mandelboxes instance_types schedule_time_zone"
     };
 }
 
@@ -31,7 +31,14 @@ macro_rules! desktop_app_version_fields {
     };
 }
 
-pub(crate) use {desktop_app_version_fields, region_fields, settings_fields};
+/// The columns of `config.region_schedules` the services read.
+macro_rules! schedule_fields {
+    () => {
+        "region weekday hour desired_free_mandelboxes"
+    };
+}
+
+pub(crate) use {desktop_app_version_fields, region_fields, schedule_fields, settings_fields};
 
 const REGION_CONFIGS: &str = concat!(
     "query RegionConfigs { config_regions(order_by: {region: asc}) { ",
@@ -50,9 +57,9 @@ pub fn region_configs() -> Operation<Vec<RegionConfig>> {
 }
 
 const SET_REGION_CONFIG: &str = concat!(
-    "mutation SetRegionConfig($region: String!, $enabled: Boolean!, $desired_free_mandelboxes: Int!, $instance_types: jsonb!) { ",
+    "mutation SetRegionConfig($region: String!, $enabled: Boolean!, $desired_free_mandelboxes: Int!, $instance_types: jsonb!, $schedule_time_zone: String!) { ",
     "delete_config_regions(where: {region: {_eq: $region}}) { affected_rows } ",
-    "insert_config_regions(objects: [{region: $region, enabled: $enabled, desired_free_mandelboxes: $desired_free_mandelboxes, instance_types: $instance_types}]) { affected_rows } }"
+    "insert_config_regions(objects: [{region: $region, enabled: $enabled, desired_free_mandelboxes: $desired_free_mandelboxes, instance_types: $instance_types, schedule_time_zone: $schedule_time_zone}]) { affected_rows } }"
 );
 
 /// Creates or replaces one region's configuration in one transaction.
@@ -66,11 +73,40 @@ pub fn set_region_config(config: &RegionConfig) -> Operation<()> {
             "enabled": config.enabled,
             "desired_free_mandelboxes": config.desired_free_mandelboxes,
             "instance_types": config.instance_types,
+            "schedule_time_zone": config.schedule_time_zone,
         }),
         move |data| match decode(data)? {
             1 => Ok(()),
             n => Err(format!("expected one region row written, got {n}")),
         },
+    )
+}
+
+const SET_REGION_SCHEDULE: &str = concat!(
+    "mutation SetRegionSchedule($region: String!, $cells: [config_region_schedules_insert_input!]!) { ",
+    "delete_config_region_schedules(where: {region: {_eq: $region}}) { affected_rows } ",
+    "insert_config_region_schedules(objects: $cells) { affected_rows } }"
+);
+
+const CLEAR_REGION_SCHEDULE: &str = "mutation ClearRegionSchedule($region: String!) { delete_config_region_schedules(where: {region: {_eq: $region}}) { affected_rows } }";
+
+/// Replaces `region`'s whole schedule with `cells` in one transaction (no cells clears it: every
+/// hour keeps the region's default). Every cell must name `region`. Returns the hours written.
+pub fn set_region_schedule(region: &str, cells: &[ScheduledBuffer]) -> Operation<u64> {
+    if cells.is_empty() {
+        let decode = affected_rows("delete_config_region_schedules");
+        return Operation::new(
+            "ClearRegionSchedule",
+            CLEAR_REGION_SCHEDULE,
+            json!({ "region": region }),
+            move |data| decode(data).map(|_| 0),
+        );
+    }
+    Operation::new(
+        "SetRegionSchedule",
+        SET_REGION_SCHEDULE,
+        json!({ "region": region, "cells": cells }),
+        affected_rows("insert_config_region_schedules"),
     )
 }
 
@@ -182,8 +218,17 @@ mod tests {
             enabled: true,
             desired_free_mandelboxes: 2,
             instance_types: vec!["g4dn.2xlarge".into()],
+            schedule_time_zone: "UTC".into(),
         }));
         assert_well_formed(&delete_region_config("us-east-1"));
+        let cell = ScheduledBuffer {
+            region: "us-east-1".into(),
+            weekday: 1,
+            hour: 8,
+            desired_free_mandelboxes: 6,
+        };
+        assert_well_formed(&set_region_schedule("us-east-1", &[cell]));
+        assert_well_formed(&set_region_schedule("us-east-1", &[]));
         assert_well_formed(&fleet_settings());
         assert_well_formed(&set_fleet_settings(&settings()));
         assert_well_formed(&desktop_app_version());

@@ -127,7 +127,7 @@ fn decide(snapshot: &RegionSnapshot, now: DateTime<Utc>) -> Vec<Action> {
         }
     }
 
-    let desired = u64::from(snapshot.desired_free);
+    let desired = u64::from(snapshot.desired_free_at(now));
     let mut launches = Vec::new();
     if enabled && let Some(image) = current {
         // 4. Scale up.
@@ -271,7 +271,7 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::algorithm::ScalingSettings;
+    use crate::algorithm::{BufferSchedule, ScalingSettings};
     use DrainReason::{OldImage, RegionDisabled, Surplus};
     use TerminateReason::{Drained, HeartbeatLost, NeverReady};
     use UpgradeState::{Pending, Shielded};
@@ -444,6 +444,7 @@ mod tests {
             region: "us-east-1".to_owned(),
             enabled: true,
             desired_free: 4,
+            schedule: BufferSchedule::default(),
             instance_types: vec![CAP2.to_owned()],
             unavailable_types: Vec::new(),
             current_image: Some(current_image()),
@@ -475,9 +476,36 @@ mod tests {
         fn scaled_down_ago(self, seconds: i64) -> Self;
         /// The cloud recently had no capacity for these types.
         fn short_of(self, instance_types: &[&str]) -> Self;
+        /// A UTC schedule whose hour of [`now`] has this target.
+        fn scheduled(self, target: u32) -> Self;
+        /// A UTC schedule whose next hour has this target (and [`now`]'s none).
+        fn scheduled_next_hour(self, target: u32) -> Self;
+    }
+
+    /// The (weekday, hour) cell of `time` in UTC.
+    fn cell(time: DateTime<Utc>, target: u32) -> (u8, u8, u32) {
+        use chrono::{Datelike, Timelike};
+        (
+            time.weekday().number_from_monday() as u8,
+            time.hour() as u8,
+            target,
+        )
     }
 
     impl RegionExt for RegionSnapshot {
+        fn scheduled(self, target: u32) -> Self {
+            Self {
+                schedule: BufferSchedule::new("UTC", [cell(now(), target)]),
+                ..self
+            }
+        }
+        fn scheduled_next_hour(self, target: u32) -> Self {
+            let next = now() + Duration::hours(1);
+            Self {
+                schedule: BufferSchedule::new("UTC", [cell(next, target)]),
+                ..self
+            }
+        }
         fn short_of(self, instance_types: &[&str]) -> Self {
             Self {
                 unavailable_types: instance_types.iter().map(|t| (*t).to_owned()).collect(),
@@ -1137,6 +1165,51 @@ mod tests {
                 ])
                 .desired(0),
                 vec![terminate("a", HeartbeatLost), drain("b", OldImage)],
+            ),
+            // Scheduled buffers: the target of the hour, under the same cooldowns.
+            case(
+                "a scheduled hour above the default launches up to it",
+                region(vec![]).desired(0).scheduled(4),
+                vec![launch(CAP2, 2)],
+            ),
+            case(
+                "the scale-up cooldown holds a scheduled rise back",
+                region(vec![])
+                    .desired(0)
+                    .scheduled(4)
+                    .scaled_up_ago(UP_COOLDOWN - 1),
+                vec![],
+            ),
+            case(
+                "a scheduled hour below the default drains the idle surplus",
+                region(vec![active("a"), active("b"), active("c"), active("d")])
+                    .desired(8)
+                    .scheduled(2),
+                vec![
+                    drain("a", DrainReason::Surplus),
+                    drain("b", DrainReason::Surplus),
+                ],
+            ),
+            case(
+                "the scale-down cooldown holds a scheduled fall back",
+                region(vec![active("a"), active("b"), active("c"), active("d")])
+                    .desired(8)
+                    .scheduled(2)
+                    .scaled_down_ago(DOWN_COOLDOWN - 1),
+                vec![],
+            ),
+            case(
+                "an hour without a target of its own keeps the default",
+                region(vec![]).scheduled_next_hour(10),
+                vec![launch(CAP2, 2)],
+            ),
+            case(
+                "a schedule in a zone this build does not know keeps the default",
+                RegionSnapshot {
+                    schedule: BufferSchedule::new("Nowhere/Atlantis", [cell(now(), 10)]),
+                    ..region(vec![])
+                },
+                vec![launch(CAP2, 2)],
             ),
         ]
     }

@@ -2,11 +2,13 @@
 //! its target. Nothing here performs I/O; the executor carries actions out.
 
 pub mod buffer;
+pub mod schedule;
 
 use chrono::{DateTime, Utc};
 use whist_types::InstanceStatus;
 
 pub use self::buffer::BufferAlgorithm;
+pub use self::schedule::BufferSchedule;
 
 /// Decides what one region needs now. Implementations are pure and synchronous.
 pub trait ScalingAlgorithm: Send + Sync + std::fmt::Debug {
@@ -19,8 +21,11 @@ pub struct RegionSnapshot {
     pub region: String,
     /// Disabled regions get no new capacity; their idle hosts are drained.
     pub enabled: bool,
-    /// Target number of free (WAITING-capable) mandelboxes on the current image.
+    /// Target number of free (WAITING-capable) mandelboxes on the current image, for every hour
+    /// the schedule leaves out.
     pub desired_free: u32,
+    /// Targets by hour of the week (see [`RegionSnapshot::desired_free_at`]).
+    pub schedule: BufferSchedule,
     /// Instance types allowed in this region, in order of preference.
     pub instance_types: Vec<String>,
     /// Allowed types the cloud recently had no capacity for: launches fall back to the next.
@@ -36,6 +41,13 @@ pub struct RegionSnapshot {
     /// When this region last launched hosts for its buffer / last drained hosts for surplus.
     pub last_scale_up: Option<DateTime<Utc>>,
     pub last_scale_down: Option<DateTime<Utc>>,
+}
+
+impl RegionSnapshot {
+    /// The target at `now`: the schedule's for that hour of the week, else `desired_free`.
+    pub fn desired_free_at(&self, now: DateTime<Utc>) -> u32 {
+        self.schedule.target_at(self.desired_free, now)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -76,7 +76,11 @@ mod tests {
     fn targets_follow_the_hours_of_the_week_and_the_default_fills_the_rest() {
         // 2026-11-30 is a Monday.
         let cases = [
-            ("2026-11-30T07:59:59Z", 2, "the last second before the scheduled hour"),
+            (
+                "2026-11-30T07:59:59Z",
+                2,
+                "the last second before the scheduled hour",
+            ),
             ("2026-11-30T08:00:00Z", 10, "the first second of it"),
             ("2026-11-30T08:59:59Z", 10, "its last second"),
             ("2026-11-30T09:00:00Z", 6, "the next hour's own target"),
@@ -86,7 +90,11 @@ mod tests {
             ("2026-12-07T08:15:00Z", 10, "and repeats"),
         ];
         for (now, expected, why) in cases {
-            assert_eq!(schedule("UTC").target_at(2, at(now)), expected, "{now}: {why}");
+            assert_eq!(
+                schedule("UTC").target_at(2, at(now)),
+                expected,
+                "{now}: {why}"
+            );
         }
     }
 
@@ -121,11 +129,31 @@ mod tests {
         // Berlin's clocks go forward on 2026-03-29 at 02:00 (01:00 UTC): local 02:xx never
         // happens; back on 2026-10-25 at 03:00 (01:00 UTC): local 02:xx happens twice.
         let sunday = BufferSchedule::new("Europe/Berlin", [(7, 2, 9), (7, 3, 4)]);
-        assert_eq!(sunday.target_at(0, at("2026-03-29T00:59:00Z")), 0, "01:59 CET");
-        assert_eq!(sunday.target_at(0, at("2026-03-29T01:00:00Z")), 4, "03:00 CEST");
-        assert_eq!(sunday.target_at(0, at("2026-10-25T00:30:00Z")), 9, "02:30 CEST");
-        assert_eq!(sunday.target_at(0, at("2026-10-25T01:30:00Z")), 9, "02:30 CET, again");
-        assert_eq!(sunday.target_at(0, at("2026-10-25T02:00:00Z")), 4, "03:00 CET");
+        assert_eq!(
+            sunday.target_at(0, at("2026-03-29T00:59:00Z")),
+            0,
+            "01:59 CET"
+        );
+        assert_eq!(
+            sunday.target_at(0, at("2026-03-29T01:00:00Z")),
+            4,
+            "03:00 CEST"
+        );
+        assert_eq!(
+            sunday.target_at(0, at("2026-10-25T00:30:00Z")),
+            9,
+            "02:30 CEST"
+        );
+        assert_eq!(
+            sunday.target_at(0, at("2026-10-25T01:30:00Z")),
+            9,
+            "02:30 CET, again"
+        );
+        assert_eq!(
+            sunday.target_at(0, at("2026-10-25T02:00:00Z")),
+            4,
+            "03:00 CET"
+        );
     }
 
     #[test]
@@ -136,7 +164,10 @@ mod tests {
         let empty = BufferSchedule::new("UTC", []);
         assert!(empty.is_empty());
         assert_eq!(empty.target_at(5, at("2026-11-30T08:00:00Z")), 5);
-        assert_eq!(BufferSchedule::default().target_at(3, at("2026-11-30T08:00:00Z")), 3);
+        assert_eq!(
+            BufferSchedule::default().target_at(3, at("2026-11-30T08:00:00Z")),
+            3
+        );
         let out_of_range = BufferSchedule::new("UTC", [(0, 8, 9), (8, 8, 9), (1, 24, 9)]);
         assert!(out_of_range.is_empty());
     }

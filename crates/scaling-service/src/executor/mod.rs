@@ -837,6 +837,7 @@ mod tests {
             region: "r".into(),
             enabled: true,
             desired_free: 0,
+            schedule: crate::algorithm::BufferSchedule::default(),
             instance_types: Vec::new(),
             unavailable_types: Vec::new(),
             current_image: None,

@@ -176,6 +176,20 @@ impl Scaler {
     }
 
     /// The value of one sample of `/metrics` (`name{labels}` as written there), 0 if absent.
+    /// Whether `/metrics` has a line for `sample` at all.
+    pub async fn metric_present(&self, sample: &str) -> bool {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines().any(|line| line.starts_with(sample))
+    }
+
     pub async fn metric(&self, sample: &str) -> f64 {
         let text = self
             .http
@@ -216,6 +230,7 @@ pub async fn configure_region(db: &HasuraClient, name: &str, desired: i32) {
         enabled: true,
         desired_free_mandelboxes: desired,
         instance_types: vec![INSTANCE_TYPE.into()],
+        schedule_time_zone: "UTC".into(),
     }))
     .await
     .expect("region config");
@@ -240,6 +255,7 @@ impl Region {
             enabled,
             desired_free_mandelboxes: desired_free,
             instance_types: vec![INSTANCE_TYPE.into()],
+            schedule_time_zone: "UTC".into(),
         }))
         .await
         .expect("region config");
