@@ -396,6 +396,20 @@ mod tests {
         }
     }
 
+    /// Instance `i-1` with one WAITING box, whose id is returned.
+    async fn host_with_zygote(db: &HasuraClient) -> MandelboxId {
+        db.execute(&ops::insert_instances(&[host("i-1")]))
+            .await
+            .expect("insert");
+        let id = MandelboxId::new_random();
+        db.execute(&ops::insert_mandelboxes(&[NewMandelbox::waiting(
+            id, "CHROME", "i-1",
+        )]))
+        .await
+        .expect("insert");
+        id
+    }
+
     #[tokio::test]
     async fn scripted_faults_fail_the_next_call_of_their_operation_only() {
         let fake = FakeDatabase::new();
@@ -442,15 +456,7 @@ mod tests {
     async fn a_held_call_is_applied_to_the_tables_as_they_are_when_released() {
         let fake = FakeDatabase::new();
         let db = fake.client();
-        db.execute(&ops::insert_instances(&[host("i-1")]))
-            .await
-            .expect("insert");
-        let id = MandelboxId::new_random();
-        db.execute(&ops::insert_mandelboxes(&[NewMandelbox::waiting(
-            id, "CHROME", "i-1",
-        )]))
-        .await
-        .expect("insert");
+        let id = host_with_zygote(&db).await;
         let hold = fake.hold_next("DeleteMandelboxIn");
         let retire = tokio::spawn({
             let db = db.clone();
@@ -474,15 +480,7 @@ mod tests {
         let db = fake.client();
         let fence = fake.grant_lease("scaling", "replica-a");
         db.execute(&ops::lease_check(&fence)).await.expect("holds");
-        db.execute(&ops::insert_instances(&[host("i-1")]))
-            .await
-            .expect("insert");
-        let id = MandelboxId::new_random();
-        db.execute(&ops::insert_mandelboxes(&[NewMandelbox::waiting(
-            id, "CHROME", "i-1",
-        )]))
-        .await
-        .expect("insert");
+        let id = host_with_zygote(&db).await;
         fake.advance_clock(chrono::Duration::hours(2));
         let lapsed = db.execute(&ops::lease_check(&fence)).await;
         assert!(matches!(lapsed, Err(DbError::Fenced { .. })), "{lapsed:?}");

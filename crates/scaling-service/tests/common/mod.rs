@@ -176,31 +176,29 @@ impl Scaler {
     }
 
     /// The value of one sample of `/metrics` (`name{labels}` as written there), 0 if absent.
-    /// Whether `/metrics` has a line for `sample` at all.
-    pub async fn metric_present(&self, sample: &str) -> bool {
-        let text = self
-            .http
+    async fn metrics_text(&self) -> String {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .expect("metrics text");
-        text.lines().any(|line| line.starts_with(sample))
+            .expect("metrics text")
+    }
+
+    /// Whether `/metrics` has a line for `sample` at all.
+    pub async fn metric_present(&self, sample: &str) -> bool {
+        self.metrics_text()
+            .await
+            .lines()
+            .any(|line| line.starts_with(sample))
     }
 
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
+        self.metrics_text()
             .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
+            .lines()
             .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
             .unwrap_or(0.0)
     }
