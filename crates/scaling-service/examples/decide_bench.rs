@@ -162,6 +162,7 @@ fn region(rng: &mut fastrand::Rng, n: usize, now: DateTime<Utc>) -> RegionSnapsh
             scale_down_delay: minutes(10),
             heartbeat_timeout: minutes(2),
             instance_ready_timeout: minutes(15),
+            schedule_lead: chrono::Duration::zero(),
         },
         last_scale_up: n.is_multiple_of(3).then(|| now - seconds(30)),
         last_scale_down: n.is_multiple_of(4).then(|| now - minutes(10)),

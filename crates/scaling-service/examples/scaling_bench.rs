@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         scale_down_delay_seconds: 3600,
         heartbeat_timeout_seconds: 3600,
         instance_ready_timeout_seconds: 3600,
+        schedule_lead_seconds: 0,
     };
     let managed = REGIONS.join(",");
     let leader = start(

@@ -566,6 +566,7 @@ fn scaling_settings(settings: &FleetSettings) -> ScalingSettings {
         scale_down_delay: seconds(settings.scale_down_delay_seconds),
         heartbeat_timeout: seconds(settings.heartbeat_timeout_seconds),
         instance_ready_timeout: seconds(settings.instance_ready_timeout_seconds),
+        schedule_lead: seconds(settings.schedule_lead_seconds),
     }
 }
 

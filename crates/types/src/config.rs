@@ -29,12 +29,15 @@ pub struct FleetSettings {
     pub scale_down_delay_seconds: i32,
     pub heartbeat_timeout_seconds: i32,
     pub instance_ready_timeout_seconds: i32,
+    /// How long before a scheduled rise of a region's buffer its hosts are launched (they take
+    /// minutes to boot); a scheduled fall waits for its hour.
+    pub schedule_lead_seconds: i32,
 }
 
 impl FleetSettings {
     /// The settings a fresh database starts with: the column defaults of `config.settings`
-    /// (migration `1763856000001_fleet_config`), which the triggers fall back to as well. The
-    /// scaling-service uses them until it has read the row.
+    /// (migrations `1763856000001_fleet_config` and later; `tests/stack_settings.rs` checks they
+    /// agree). The scaling-service uses them until it has read the row.
     pub const DEFAULT: Self = Self {
         mandelbox_limit_per_user: 3,
         scale_up_cooldown_seconds: 60,
@@ -42,6 +45,7 @@ impl FleetSettings {
         scale_down_delay_seconds: 600,
         heartbeat_timeout_seconds: 180,
         instance_ready_timeout_seconds: 900,
+        schedule_lead_seconds: 300,
     };
 }
 

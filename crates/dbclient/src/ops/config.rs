@@ -20,7 +20,7 @@ macro_rules! region_fields {
 /// The columns of `config.settings` the services read.
 macro_rules! settings_fields {
     () => {
-        "mandelbox_limit_per_user scale_up_cooldown_seconds scale_down_cooldown_seconds scale_down_delay_seconds heartbeat_timeout_seconds instance_ready_timeout_seconds"
+        "mandelbox_limit_per_user scale_up_cooldown_seconds scale_down_cooldown_seconds scale_down_delay_seconds heartbeat_timeout_seconds instance_ready_timeout_seconds schedule_lead_seconds"
     };
 }
 
@@ -142,10 +142,11 @@ pub fn fleet_settings() -> Operation<Option<FleetSettings>> {
 const SET_FLEET_SETTINGS: &str = concat!(
     "mutation SetFleetSettings($mandelbox_limit_per_user: Int!, $scale_up_cooldown_seconds: Int!, ",
     "$scale_down_cooldown_seconds: Int!, $scale_down_delay_seconds: Int!, $heartbeat_timeout_seconds: Int!, ",
-    "$instance_ready_timeout_seconds: Int!) { update_config_settings(where: {id: {_eq: 1}}, _set: {",
+    "$instance_ready_timeout_seconds: Int!, $schedule_lead_seconds: Int!) { update_config_settings(where: {id: {_eq: 1}}, _set: {",
     "mandelbox_limit_per_user: $mandelbox_limit_per_user, scale_up_cooldown_seconds: $scale_up_cooldown_seconds, ",
     "scale_down_cooldown_seconds: $scale_down_cooldown_seconds, scale_down_delay_seconds: $scale_down_delay_seconds, ",
-    "heartbeat_timeout_seconds: $heartbeat_timeout_seconds, instance_ready_timeout_seconds: $instance_ready_timeout_seconds",
+    "heartbeat_timeout_seconds: $heartbeat_timeout_seconds, instance_ready_timeout_seconds: $instance_ready_timeout_seconds, ",
+    "schedule_lead_seconds: $schedule_lead_seconds",
     "}) { affected_rows } }"
 );
 

@@ -457,6 +457,7 @@ mod tests {
                 scale_down_delay: Duration::seconds(DELAY),
                 heartbeat_timeout: Duration::seconds(HEARTBEAT),
                 instance_ready_timeout: Duration::seconds(READY),
+                schedule_lead: Duration::zero(),
             },
             last_scale_up: None,
             last_scale_down: None,
@@ -1197,6 +1198,17 @@ mod tests {
                     .scheduled(2)
                     .scaled_down_ago(DOWN_COOLDOWN - 1),
                 vec![],
+            ),
+            case(
+                "a scheduled rise is launched its lead before its hour",
+                RegionSnapshot {
+                    settings: ScalingSettings {
+                        schedule_lead: Duration::hours(1),
+                        ..region(vec![]).settings
+                    },
+                    ..region(vec![]).desired(0).scheduled_next_hour(4)
+                },
+                vec![launch(CAP2, 2)],
             ),
             case(
                 "an hour without a target of its own keeps the default",

@@ -44,9 +44,11 @@ pub struct RegionSnapshot {
 }
 
 impl RegionSnapshot {
-    /// The target at `now`: the schedule's for that hour of the week, else `desired_free`.
+    /// The target at `now`: the schedule's for that hour of the week, else `desired_free`; a
+    /// rise within the schedule lead already counts (its hosts must boot first).
     pub fn desired_free_at(&self, now: DateTime<Utc>) -> u32 {
-        self.schedule.target_at(self.desired_free, now)
+        self.schedule
+            .target_ahead(self.desired_free, now, self.settings.schedule_lead)
     }
 }
 
@@ -112,6 +114,8 @@ pub struct ScalingSettings {
     pub heartbeat_timeout: chrono::Duration,
     /// A PRE_CONNECTION host not registered after this long is dead.
     pub instance_ready_timeout: chrono::Duration,
+    /// How long before a scheduled rise of the target its hosts are launched.
+    pub schedule_lead: chrono::Duration,
 }
 
 /// Why hosts are launched.

@@ -45,6 +45,16 @@ impl BufferSchedule {
         self.hours.is_empty()
     }
 
+    /// The target at `now`, raised early to a rise that comes within `lead`: hosts for a higher
+    /// target are launched `lead` before its hour, while a lower one waits for its hour.
+    pub fn target_ahead(&self, default: u32, now: DateTime<Utc>, lead: chrono::Duration) -> u32 {
+        let current = self.target_at(default, now);
+        if lead <= chrono::Duration::zero() {
+            return current;
+        }
+        current.max(self.target_at(default, now + lead))
+    }
+
     /// The target at `now`: the schedule's for that local hour, else `default`.
     pub fn target_at(&self, default: u32, now: DateTime<Utc>) -> u32 {
         let Some(zone) = self.zone else {
@@ -153,6 +163,33 @@ mod tests {
             sunday.target_at(0, at("2026-10-25T02:00:00Z")),
             4,
             "03:00 CET"
+        );
+    }
+
+    #[test]
+    fn a_rise_starts_its_lead_early_and_a_fall_waits_for_its_hour() {
+        let lead = chrono::Duration::minutes(5);
+        let utc = schedule("UTC");
+        let cases = [
+            ("2026-11-30T07:54:59Z", 2, "before the lead"),
+            ("2026-11-30T07:55:00Z", 10, "the rise's lead begins"),
+            ("2026-11-30T08:30:00Z", 10, "within the hour"),
+            (
+                "2026-11-30T08:55:00Z",
+                10,
+                "the next hour is lower: no early fall",
+            ),
+            ("2026-11-30T09:00:00Z", 6, "the fall at its hour"),
+            ("2026-11-30T09:55:00Z", 6, "a fall to the default waits too"),
+            ("2026-11-30T10:00:00Z", 2, "the default"),
+        ];
+        for (now, expected, why) in cases {
+            assert_eq!(utc.target_ahead(2, at(now), lead), expected, "{now}: {why}");
+        }
+        assert_eq!(
+            utc.target_ahead(2, at("2026-11-30T07:55:00Z"), chrono::Duration::zero()),
+            2,
+            "no lead: the hour itself"
         );
     }
 

@@ -865,6 +865,7 @@ mod tests {
                 scale_down_delay: chrono::Duration::zero(),
                 heartbeat_timeout: chrono::Duration::zero(),
                 instance_ready_timeout: chrono::Duration::zero(),
+                schedule_lead: chrono::Duration::zero(),
             },
             last_scale_up: None,
             last_scale_down: None,

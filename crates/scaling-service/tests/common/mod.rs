@@ -357,6 +357,7 @@ pub fn fast_settings() -> whist_types::FleetSettings {
         scale_down_delay_seconds: 1,
         heartbeat_timeout_seconds: 5,
         instance_ready_timeout_seconds: 60,
+        schedule_lead_seconds: 0,
     }
 }
 

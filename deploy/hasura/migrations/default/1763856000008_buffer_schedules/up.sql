@@ -6,6 +6,11 @@
 ALTER TABLE config.regions
     ADD COLUMN schedule_time_zone text NOT NULL DEFAULT 'UTC';
 
+-- Hosts take minutes to boot: a scheduled rise is launched this long before its hour.
+ALTER TABLE config.settings
+    ADD COLUMN schedule_lead_seconds integer NOT NULL DEFAULT 300
+        CONSTRAINT settings_schedule_lead_nonnegative CHECK (schedule_lead_seconds >= 0);
+
 CREATE FUNCTION config.regions_check_time_zone()
 RETURNS trigger
 LANGUAGE plpgsql
