@@ -508,16 +508,9 @@ fn snapshot(
         enabled: config.is_some_and(|c| c.enabled),
         desired_free: config.map_or(0, |c| c.desired_free_mandelboxes.max(0) as u32),
         schedule: config.map_or_else(BufferSchedule::default, |config| {
-            let cells = fleet.schedules.get(region).into_iter().flatten();
-            BufferSchedule::new(
+            BufferSchedule::from_rows(
                 &config.schedule_time_zone,
-                cells.map(|cell| {
-                    (
-                        u8::try_from(cell.weekday).unwrap_or(0),
-                        u8::try_from(cell.hour).unwrap_or(u8::MAX),
-                        u32::try_from(cell.desired_free_mandelboxes).unwrap_or(0),
-                    )
-                }),
+                fleet.schedules.get(region).into_iter().flatten(),
             )
         }),
         instance_types: config.map(|c| c.instance_types.clone()).unwrap_or_default(),

@@ -27,8 +27,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Value, json};
-use tokio::sync::{Notify, watch};
-use whist_types::{Instance, Lease, Mandelbox, MandelboxId};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use whist_types::{Instance, Mandelbox, MandelboxId};
 
 use self::tables::{Refusal, Tables};
 use crate::{Fence, HasuraClient, HasuraConfig};
@@ -65,58 +66,43 @@ struct State {
 }
 
 /// A call held back by [`FakeDatabase::hold_next`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Hold {
-    arrived: Notify,
-    arrived_flag: std::sync::atomic::AtomicBool,
-    released: Notify,
-    released_flag: std::sync::atomic::AtomicBool,
-    variables: Mutex<Option<Value>>,
+    /// The held call's variables, set when it arrives.
+    arrived: watch::Sender<Option<Value>>,
+    released: CancellationToken,
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Self {
+            arrived: watch::channel(None).0,
+            released: CancellationToken::new(),
+        }
+    }
 }
 
 impl Hold {
     /// Waits until the held call reached the database (it has not been applied yet).
     pub async fn arrived(&self) {
-        use std::sync::atomic::Ordering;
-        loop {
-            let notified = self.arrived.notified();
-            if self.arrived_flag.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
+        let mut arrived = self.arrived.subscribe();
+        // The sender lives as long as `self`, so the wait ends only by the call's arrival.
+        let _ = arrived.wait_for(Option::is_some).await;
     }
 
     /// The variables of the held call, once it arrived.
     pub fn variables(&self) -> Option<Value> {
-        self.variables
-            .lock()
-            .expect("the hold's lock is never poisoned")
-            .clone()
+        self.arrived.borrow().clone()
     }
 
     /// Lets the held call go on; it is applied to the tables as they are then.
     pub fn release(&self) {
-        self.released_flag
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.released.notify_waiters();
+        self.released.cancel();
     }
 
     async fn wait_released(&self, variables: &Value) {
-        use std::sync::atomic::Ordering;
-        *self
-            .variables
-            .lock()
-            .expect("the hold's lock is never poisoned") = Some(variables.clone());
-        self.arrived_flag.store(true, Ordering::Release);
-        self.arrived.notify_waiters();
-        loop {
-            let notified = self.released.notified();
-            if self.released_flag.load(Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
+        self.arrived.send_replace(Some(variables.clone()));
+        self.released.cancelled().await;
     }
 }
 
@@ -159,7 +145,7 @@ impl FakeDatabase {
 
     /// Answers one operation: its HTTP status and body, as an engine would send them.
     pub(crate) async fn answer(&self, name: &'static str, variables: &Value) -> (u16, Vec<u8>) {
-        let hold = {
+        let (hold, answer_lost) = {
             let mut state = self.lock();
             state.calls.push(name.to_owned());
             let fault = state
@@ -184,28 +170,10 @@ impl FakeDatabase {
                 .map(|at| state.holds.remove(at).1);
             (hold, answer_lost)
         };
-        let (hold, answer_lost) = hold;
         if let Some(hold) = hold {
             hold.wait_released(variables).await;
         }
-        let (answer, wrote) = {
-            let mut state = self.lock();
-            let before = state.tables.clone();
-            match state.tables.answer(name, variables) {
-                Ok(data) => {
-                    let wrote = state.tables != before;
-                    (Ok(data), wrote)
-                }
-                Err(refusal) => {
-                    // A refused mutation rolls back as a whole, as in one transaction.
-                    state.tables = before;
-                    (Err(refusal), false)
-                }
-            }
-        };
-        if wrote {
-            self.version.send_modify(|version| *version += 1);
-        }
+        let answer = self.transaction(name, variables);
         if answer_lost {
             return (503, b"service unavailable".to_vec());
         }
@@ -218,8 +186,31 @@ impl FakeDatabase {
         }
     }
 
-    /// Live-query result sets: the rows of `root` for `name` now, or `None` for a query this fake
-    /// does not serve.
+    /// Runs one operation on the tables as one transaction (a refusal leaves them as they were);
+    /// live queries republish when it changed anything.
+    fn transaction(&self, name: &str, variables: &Value) -> Result<Value, Refusal> {
+        let (answer, wrote) = {
+            let mut state = self.lock();
+            let before = state.tables.clone();
+            match state.tables.answer(name, variables) {
+                Ok(data) => {
+                    let wrote = state.tables != before;
+                    (Ok(data), wrote)
+                }
+                Err(refusal) => {
+                    state.tables = before;
+                    (Err(refusal), false)
+                }
+            }
+        };
+        if wrote {
+            self.version.send_modify(|version| *version += 1);
+        }
+        answer
+    }
+
+    /// Live-query result sets: the rows of `root` for `name` now, or an error naming a query this
+    /// fake does not serve.
     pub(crate) fn live_rows(&self, name: &str, variables: &Value) -> Result<Value, String> {
         self.lock().tables.live(name, variables)
     }
@@ -258,11 +249,6 @@ impl FakeDatabase {
         self.live.send_replace(true);
     }
 
-    /// Every operation served so far, by name, in order.
-    pub fn calls(&self) -> Vec<String> {
-        self.lock().calls.clone()
-    }
-
     /// How many times operation `name` was called.
     pub fn count(&self, name: &str) -> usize {
         self.lock()
@@ -294,15 +280,9 @@ impl FakeDatabase {
         session_id: &str,
     ) -> Result<Mandelbox, String> {
         let variables = json!({ "id": id, "user_id": user, "session_id": session_id });
-        let result = self.write(|tables| {
-            let before = tables.clone();
-            let answer = tables.answer("ClaimMandelbox", &variables);
-            if answer.is_err() {
-                *tables = before;
-            }
-            answer
-        });
-        let data = result.map_err(|refusal| refusal.message)?;
+        let data = self
+            .transaction("ClaimMandelbox", &variables)
+            .map_err(|refusal| refusal.message)?;
         let returning = data["update_whist_mandelboxes"]["returning"][0].clone();
         if returning.is_null() {
             return Err(format!("mandelbox {id} is not WAITING"));
@@ -352,11 +332,6 @@ impl FakeDatabase {
     /// its fence.
     pub fn grant_lease(&self, name: &str, holder: &str) -> Fence {
         self.write(|tables| tables.grant_lease(name, holder))
-    }
-
-    /// The lease `name` as the database has it.
-    pub fn lease(&self, name: &str) -> Option<Lease> {
-        self.lock().tables.lease(name)
     }
 }
 

@@ -642,10 +642,6 @@ impl Tables {
         }
     }
 
-    pub(crate) fn lease(&self, name: &str) -> Option<Lease> {
-        self.leases.get(name).cloned()
-    }
-
     pub(crate) fn instance(&self, id: &str) -> Option<Instance> {
         self.instances.get(id).cloned()
     }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use chrono_tz::Tz;
+use whist_types::ScheduledBuffer;
 
 /// A region's buffer targets by hour of the week.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -33,6 +34,19 @@ impl BufferSchedule {
                 .map(|(weekday, hour, target)| ((weekday, hour), target))
                 .collect(),
         }
+    }
+
+    /// The schedule of a region from its rows of `config.region_schedules` (rows out of range,
+    /// which the database refuses, are ignored; a negative target counts as zero).
+    pub fn from_rows<'a>(zone: &str, rows: impl IntoIterator<Item = &'a ScheduledBuffer>) -> Self {
+        let cells = rows.into_iter().filter_map(|row| {
+            Some((
+                u8::try_from(row.weekday).ok()?,
+                u8::try_from(row.hour).ok()?,
+                u32::try_from(row.desired_free_mandelboxes).unwrap_or(0),
+            ))
+        });
+        Self::new(zone, cells)
     }
 
     /// Whether the schedule's zone is known. A schedule in an unknown zone is not applied.
@@ -207,5 +221,21 @@ mod tests {
         );
         let out_of_range = BufferSchedule::new("UTC", [(0, 8, 9), (8, 8, 9), (1, 24, 9)]);
         assert!(out_of_range.is_empty());
+    }
+
+    #[test]
+    fn rows_become_cells_and_rows_out_of_range_are_dropped() {
+        let row = |weekday, hour, target| ScheduledBuffer {
+            region: "r".to_owned(),
+            weekday,
+            hour,
+            desired_free_mandelboxes: target,
+        };
+        let rows = [row(1, 8, 10), row(1, -1, 9), row(-3, 8, 9), row(1, 9, -4)];
+        let schedule = BufferSchedule::from_rows("UTC", &rows);
+        assert_eq!(
+            schedule,
+            BufferSchedule::new("UTC", [(1, 8, 10), (1, 9, 0)])
+        );
     }
 }
